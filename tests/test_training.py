@@ -1,0 +1,135 @@
+"""The training objective, a short real training run, resuming, and atomic checkpoints."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion_utilities as du
+
+
+def test_loss_is_noise_mse(schedule):
+    # A network that predicts zero noise scores E[noise^2] = 1.
+    class Zero(du.ContextUnet):
+        def forward(self, x, t, c=None):
+            return torch.zeros_like(x)
+
+    x = torch.rand(64, 3, 16, 16) * 2 - 1
+    loss = du.diffusion_loss(Zero(n_feat=8), x, du.one_hot(torch.zeros(64, dtype=torch.long)), schedule,
+                             generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="drop_prob"):
+        du.diffusion_loss(Zero(n_feat=8), x, None, schedule, drop_prob=1.5)
+
+
+def test_context_dropout_rate(schedule):
+    seen = []
+
+    class Spy(du.ContextUnet):
+        def forward(self, x, t, c=None):
+            seen.append(c.clone())
+            return torch.zeros_like(x)
+
+    c = du.one_hot(torch.randint(0, 5, (4000,)))
+    du.diffusion_loss(Spy(n_feat=8), torch.zeros(4000, 3, 16, 16), c, schedule, drop_prob=0.1,
+                      generator=torch.Generator().manual_seed(0))
+    dropped = (seen[0].sum(1) == 0).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.015)
+    assert torch.equal(seen[0][seen[0].sum(1) > 0], c[seen[0].sum(1) > 0])
+
+
+def test_training_reduces_loss(schedule):
+    torch.manual_seed(0)
+    images, labels, _ = du.load_sprites()
+    x = du.to_tensor_images(images[:32])
+    c = du.one_hot(torch.from_numpy(labels[:32]))
+    model = du.ContextUnet(n_feat=16)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = [du.train_step(model, opt, x, c, schedule, generator=g) for _ in range(40)]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_lr_schedule():
+    assert du.lr_at(0, 1000, 1e-3, 1e-5, warmup=100) == pytest.approx(1e-5)
+    assert du.lr_at(100, 1000, 1e-3, 1e-5, warmup=100) == pytest.approx(1e-3)
+    assert du.lr_at(1000, 1000, 1e-3, 1e-5, warmup=100) == pytest.approx(1e-5)
+    assert du.lr_at(550, 1000, 1e-3, 1e-5, warmup=100) == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_ema_tracks_weights():
+    m = torch.nn.Linear(2, 2)
+    ema = du.EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(m)  # ramp: d = min(0.5, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.model.weight, d * before + (1 - d) * 1.0)
+
+
+def _tiny_npz(tmp_path):
+    with np.load(du.DATA_FILE) as d:
+        idx = np.r_[0:40, 900:940, 1715:1735, 1800:1840, 2200:2240]
+        path = tmp_path / "tiny.npz"
+        np.savez(path, **{k: d[k][idx] if d[k].shape[0] == 2718 else d[k] for k in d.files})
+    return path
+
+
+def test_resume_reaches_the_same_state(tmp_path):
+    data = _tiny_npz(tmp_path)
+    cfg = du.TrainConfig(steps=6, batch_size=8, n_feat=8, warmup=2, checkpoint_every=100, snapshot_steps=[2])
+    whole = du.train(cfg, tmp_path / "whole", data_path=data, progress=False, device="cpu")
+    du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", stop_at=3)
+    assert (tmp_path / "split" / "checkpoint.pt").exists() and not (tmp_path / "split" / "ema.pt").exists()
+    split = du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", resume=True)
+    assert whole == split and len(whole) == 6
+    a = torch.load(tmp_path / "whole" / "ema.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ema.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "snap_000002.pt").exists()
+    assert json.loads((tmp_path / "whole" / "history.json").read_text())["loss"] == whole
+    # a checkpoint loads as a model (its EMA weights)
+    assert isinstance(du.load_model(tmp_path / "split" / "checkpoint.pt", "cpu", n_feat=8), du.ContextUnet)
+
+
+def test_resume_refuses_other_config_or_missing_checkpoint(tmp_path):
+    data = _tiny_npz(tmp_path)
+    cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu", resume=True)
+    du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="different config"):
+        du.train(du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
+                 progress=False, device="cpu", resume=True)
+
+
+def test_save_atomic_never_leaves_a_broken_file(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    du.save_atomic({"a": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # half-written, then the process dies
+            fh.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        du.save_atomic({"a": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+
+
+def test_cli_train_then_resume(tmp_path):
+    data = str(_tiny_npz(tmp_path))
+    out = str(tmp_path / "cli")
+    common = ["train", "--out", out, "--steps", "4", "--batch-size", "4", "--n-feat", "8", "--data", data,
+              "--device", "cpu", "--checkpoint-every", "2"]
+    du.main(common + ["--minutes", "0"])  # stops after the first step, with a checkpoint
+    ck = torch.load(tmp_path / "cli" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 1
+    du.main(common + ["--resume"])
+    assert torch.load(tmp_path / "cli" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert (tmp_path / "cli" / "ema.pt").exists()
