@@ -321,11 +321,12 @@ def diffusion_loss(model, x, c, schedule, drop_prob=0.1, generator=None):
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob}")
     B, dev = x.shape[0], x.device
-    t = torch.randint(1, schedule.T + 1, (B,), device=dev, generator=generator)
-    noise = torch.randn(x.shape, device=dev, generator=generator, dtype=x.dtype)
+    gdev = generator.device if generator is not None else dev  # a seeded CPU generator also drives a GPU run
+    t = torch.randint(1, schedule.T + 1, (B,), device=gdev, generator=generator).to(dev)
+    noise = torch.randn(x.shape, device=gdev, generator=generator, dtype=x.dtype).to(dev)
     x_t = perturb_input(x, t, noise, schedule)
     if c is not None:
-        keep = (torch.rand(B, device=dev, generator=generator) >= drop_prob).to(c.dtype)
+        keep = (torch.rand(B, device=gdev, generator=generator) >= drop_prob).to(dev, c.dtype)
         c = c * keep[:, None]
     pred = model(x_t, t.to(x.dtype) / schedule.T, c)
     return F.mse_loss(pred.float(), noise.float())
@@ -421,7 +422,7 @@ def fast_settings(device):
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
-    steps: int = 12000
+    steps: int = 14000
     batch_size: int = 100
     lr: float = 1e-3
     lr_min: float = 5e-5
@@ -450,10 +451,6 @@ def class_sampling_weights(labels, power=0.5):
     return w / w.sum()
 
 
-def _rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-
-
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     path = Path(path)
@@ -470,7 +467,8 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
     Writes to out_dir: checkpoint.pt (model, EMA, optimiser, step, data-sampler and RNG state),
     history.json (loss per step), ema.pt (final EMA weights) and snap_<step>.pt snapshots.
     With resume=True an interrupted run continues from checkpoint.pt and ends in the same state
-    as an uninterrupted one. minutes (a time budget) or stop_at (a step) stops early, after saving a
+    as an uninterrupted one (config.steps may differ from the checkpoint's: the run then ends at
+    the new length, with the learning-rate schedule re-planned from the current step). minutes (a time budget) or stop_at (a step) stops early, after saving a
     checkpoint, so a run can be split over sessions.
     callback(step, loss) is called after each step (a notebook's live loss plot).
     """
@@ -499,7 +497,9 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ck["config"] != config.__dict__:
+        # Only the length may change on resume (to train longer or stop sooner); the learning-rate
+        # schedule is then re-planned from the current step.
+        if {**ck["config"], "steps": config.steps} != config.__dict__:
             raise ValueError(f"--resume: checkpoint was made with a different config:\n{ck['config']}\n"
                              f"vs now\n{config.__dict__}")
         model.load_state_dict(ck["model"])
@@ -526,8 +526,7 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
         x = augment_batch(x_all[idx], a_all[idx], flip=config.flip, jitter=config.jitter, generator=gen)
         x = x.to(device).contiguous(memory_format=mem_format)
         c = c_all[idx].to(device)
-        loss = train_step(model, opt, x, c, schedule, config.drop_prob, gen, amp_dtype) \
-            if device.type == "cpu" else _train_step_device(model, opt, x, c, schedule, config, gen, amp_dtype)
+        loss = train_step(model, opt, x, c, schedule, config.drop_prob, gen, amp_dtype)
         ema.update(model)
         step += 1
         history.append(loss)
@@ -547,22 +546,6 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
     if step >= config.steps:
         save_atomic(ema.model.state_dict(), out_dir / "ema.pt")
     return history
-
-
-def _train_step_device(model, opt, x, c, schedule, config, gen, amp_dtype):
-    """train_step on an accelerator: the CPU generator draws t, noise and dropout, then moves them."""
-    B = x.shape[0]
-    t = torch.randint(1, schedule.T + 1, (B,), generator=gen).to(x.device)
-    noise = torch.randn(x.shape, generator=gen).to(x.device)
-    keep = (torch.rand(B, generator=gen) >= config.drop_prob).float().to(x.device)
-    model.train()
-    with autocast_context(x.device, amp_dtype):
-        pred = model(perturb_input(x, t, noise, schedule), t.float() / schedule.T, c * keep[:, None])
-        loss = F.mse_loss(pred.float(), noise)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item()
 
 
 def _half_state(model):
@@ -877,9 +860,9 @@ class SpriteDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        x = augment_batch(self.images[i:i + 1] if isinstance(i, int) else self.images[i][None],
-                          self.alpha[i:i + 1] if isinstance(i, int) else self.alpha[i][None],
-                          flip=self.augment, jitter=self.jitter if self.augment else 0.0)[0]
+        i = int(i)
+        x = augment_batch(self.images[i:i + 1], self.alpha[i:i + 1], flip=self.augment,
+                          jitter=self.jitter if self.augment else 0.0)[0]
         return x, one_hot(self.labels[i:i + 1], len(self.class_names))[0]
 
 
@@ -1265,12 +1248,14 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
 
 def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed=0, guide_ws=(0, 1, 2, 4),
              ddim_steps=(10, 25, 50, 100), etas=(0.0, 1.0), per_class=100, guide_steps=25, amp_dtype=None,
-             progress=True):
+             progress=True, snapshots=None):
     """All the quality numbers of the shipped model, as a dict (see `python diffusion_utilities.py evaluate`).
 
     images, labels: the whole sprite set (uint8 (N, 16, 16, 3), (N,)); test_idx: the classifier's
     held-out sprites. FID and KID compare n samples, made for the class ids of n random real sprites,
     with n other real sprites; the real-vs-real floor compares two disjoint sets of n real sprites.
+    snapshots: optional {name: model} scored the same way with DDIM-{guide_steps} only (training progress).
+    Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
     """
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
@@ -1297,12 +1282,14 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed
         kid = kernel_inception_distance(f, real_ref)[0]
         return {"fid": frechet_distance(f, real_ref), "kid": kid, "accuracy": float((pred == gen_labels).mean())}
 
-    samplers = [("ddpm", schedule.T, 1.0)] + [("ddim", k, e) for e in etas for k in ddim_steps]
+    samplers = [("ddpm", schedule.T, 1.0, amp_dtype)] + [("ddim", k, e, amp_dtype) for e in etas for k in ddim_steps]
+    if amp_dtype is not None:  # one row in plain fp32, to show that autocast does not change the quality
+        samplers.append(("ddim", guide_steps, 0.0, None))
     res["samplers"] = []
-    for name, steps, eta in samplers:
-        x, secs = generate(model, schedule, gen_labels, name, steps, eta, 0.0, seed, amp_dtype=amp_dtype,
+    for name, steps, eta, amp in samplers:
+        x, secs = generate(model, schedule, gen_labels, name, steps, eta, 0.0, seed, amp_dtype=amp,
                            progress=progress)
-        row = {"sampler": name, "steps": steps, "eta": eta, "s_per_sample": secs / n, **score(x)}
+        row = {"sampler": name, "steps": steps, "eta": eta, "autocast": str(amp), "s_per_sample": secs / n, **score(x)}
         res["samplers"].append(row)
         if name == "ddpm":
             ddpm_samples = x
@@ -1320,6 +1307,11 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed
         res["guidance"].append({"guide_w": w, **score(x), "class_accuracy": {
             CLASS_NAMES[c]: float((pred[balanced == c] == c).mean()) for c in range(len(CLASS_NAMES))},
             "balanced_accuracy": float((pred == balanced).mean())})
+    res["snapshots"] = {}
+    for name, snap in (snapshots or {}).items():
+        x, _ = generate(snap, schedule, gen_labels, "ddim", guide_steps, 0.0, 0.0, seed, amp_dtype=amp_dtype,
+                        progress=progress)
+        res["snapshots"][name] = score(x)
     return res, ddpm_samples, idx, dist
 
 
@@ -1333,10 +1325,10 @@ def metrics_markdown(res, command):
              f"sprites. Real-vs-real floor at the same n: **FID {fl['fid']:.2f}**, KID {fl['kid']:.4f}. "
              f"Network run with autocast dtype {res['amp_dtype']}.", "",
              "## Samplers", "",
-             "| sampler | steps | eta | s / sample | sprite-FID | FID / floor | KID | class accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| sampler | steps | eta | autocast | s / sample | sprite-FID | FID / floor | KID | class accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["samplers"]:
-        lines.append(f"| {r['sampler'].upper()} | {r['steps']} | {r['eta']:g} | {r['s_per_sample']:.4f} | "
+        lines.append(f"| {r['sampler'].upper()} | {r['steps']} | {r['eta']:g} | {r['autocast']} | {r['s_per_sample']:.4f} | "
                      f"{r['fid']:.2f} | {r['fid'] / fl['fid']:.1f}x | {r['kid']:.4f} | {r['accuracy']:.1%} |")
     acc = res["classifier_test_accuracy"]
     lines += ["", f"## Classifier-free guidance (DDIM-{res['guide_steps']}, eta 0)", "",
@@ -1350,6 +1342,10 @@ def metrics_markdown(res, command):
         ca = g["class_accuracy"]
         lines.append(f"| {g['guide_w']:g} | {g['fid']:.2f} | {g['kid']:.4f} | "
                      + " | ".join(f"{ca[c]:.0%}" for c in CLASS_NAMES) + f" | {g['balanced_accuracy']:.0%} |")
+    if res.get("snapshots"):
+        lines += ["", f"## Training progress (DDIM-{res['guide_steps']}, eta 0, w = 0)", "",
+                  "| model | sprite-FID | KID | class accuracy |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['fid']:.2f} | {v['kid']:.4f} | {v['accuracy']:.1%} |" for k, v in res["snapshots"].items()]
     m = res["memorisation"]
     lines += ["", "## Memorisation (DDPM-500 samples vs their nearest training sprite, flips included)", "",
               f"Median rms pixel distance {m['median_rms']:.3f} (0..1 scale); near-copies (rms < "
@@ -1387,10 +1383,10 @@ def _cmd_train(args):
 
 
 def _cmd_sample(args):
+    classes = [_class_id(c) for c in args.classes]
     device = torch.device(args.device) if args.device else get_device()
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
     schedule = make_schedule(500)
-    classes = [_class_id(c) for c in args.classes]
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator().manual_seed(args.seed)
     if args.sampler == "ddpm":
@@ -1411,6 +1407,32 @@ def _class_id(name):
     if name not in CLASS_NAMES:
         raise SystemExit(f"unknown class {name!r}; choose from {', '.join(CLASS_NAMES)} (or 0..4)")
     return CLASS_NAMES.index(name)
+
+
+def _cmd_export(args):
+    """Copy a finished run's EMA weights and snapshots into weights/ and record them in the manifest."""
+    run, wdir = Path(args.run), Path(args.weights_dir)
+    hist = json.loads((run / "history.json").read_text())
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    cfg = ck["config"]
+    made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
+            "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"),
+            "args": {"n_feat": cfg["n_feat"]}}
+    wdir.mkdir(parents=True, exist_ok=True)
+    loss = np.asarray(hist["loss"])
+    k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
+    curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
+    (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
+    save_atomic(load_state(run / "checkpoint.pt"), wdir / f"{args.name}.pt")
+    add_to_manifest(args.name, f"{args.name}.pt", weights_dir=wdir, step=ck["step"],
+                    train_minutes=args.train_minutes or round(ck.get("train_seconds", float("nan")) / 60, 1), **made)
+    for snap in sorted(run.glob("snap_*.pt")):
+        step = int(snap.stem.split("_")[1])
+        name = f"{args.name}_step{step:06d}"
+        save_atomic(torch.load(snap, map_location="cpu", weights_only=True), wdir / f"{name}.pt")
+        add_to_manifest(name, f"{name}.pt", weights_dir=wdir, step=step,
+                        note="EMA snapshot during the same run (fp16)", **made)
+    print(f"exported {args.name} (step {ck['step']}) and {len(list(run.glob('snap_*.pt')))} snapshots to {wdir}")
 
 
 def _cmd_train_classifier(args):
@@ -1435,17 +1457,34 @@ def _cmd_evaluate(args):
     images, labels, _ = load_sprites(args.data)
     _, test_idx = split_indices(labels, seed=0)
     amp_dtype = fast_settings(device)[0] if args.fast else None
+    snapshots = {name: load_pretrained(name, device) for name in args.snapshots}
     res, samples, nn_idx, dist = evaluate(model, classifier, make_schedule(500), images, labels, test_idx,
                                           n=args.n, seed=args.seed, amp_dtype=amp_dtype,
                                           ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
-                                          per_class=args.per_class)
+                                          per_class=args.per_class, snapshots=snapshots)
     res["hardware"] = describe_device(device)
     command = "python diffusion_utilities.py " + " ".join(args.argv)
+    res["command"] = command
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
     (out / "metrics.md").write_text(metrics_markdown(res, command.strip()))
     memorisation_figure(samples, dist, nn_idx, images, out / "memorisation.png")
+    if not args.weights:  # record the headline numbers beside each shipped file in the manifest
+        manifest = read_manifest()
+        ddpm = res["samplers"][0]
+        ddim = next(r for r in res["samplers"] if r["sampler"] == "ddim" and r["steps"] == 25 and r["eta"] == 0)
+        best = max(res["guidance"], key=lambda g: g["balanced_accuracy"])
+        headline = {args.model: {"n": res["n"], "fid_floor": res["floor"]["fid"], "fid_ddpm500": ddpm["fid"],
+                                 "fid_ddim25": ddim["fid"], "kid_ddim25": ddim["kid"], "accuracy_ddim25": ddim["accuracy"],
+                                 "kid_ddpm500": ddpm["kid"],
+                                 "guided_accuracy": best["balanced_accuracy"], "at_guide_w": best["guide_w"],
+                                 "tables": "metrics.md"}}
+        headline.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"],
+                             "accuracy_ddim25": v["accuracy"]} for k, v in res["snapshots"].items()})
+        for name, m in headline.items():
+            entry = {k: v for k, v in manifest[name].items() if k not in ("file", "sha256", "kind")}
+            add_to_manifest(name, manifest[name]["file"], manifest[name]["kind"], **{**entry, "metrics": m})
     print((out / "metrics.md").read_text())
 
 
@@ -1459,7 +1498,7 @@ def main(argv=None):
                                     "learning rate) on data/sprites16.npz. Writes checkpoint.pt, history.json, "
                                     "ema.pt and snapshots to --out.")
     tr.add_argument("--out", default="runs/sprites", help="output folder (default runs/sprites)")
-    tr.add_argument("--steps", type=int, default=12000, help="total optimiser steps; sets the LR schedule")
+    tr.add_argument("--steps", type=int, default=14000, help="total optimiser steps; sets the LR schedule")
     tr.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (resume later)")
     tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tr.add_argument("--batch-size", type=int, default=100)
@@ -1494,6 +1533,17 @@ def main(argv=None):
     sa.add_argument("--device", default=None)
     sa.set_defaults(func=_cmd_sample)
 
+    ex = sub.add_parser("export", help="copy a finished run's EMA weights and snapshots into weights/",
+                        description="Copy --run's EMA weights (fp32) and snapshots (fp16) into weights/, with "
+                                    "sha256, config, hardware and training time in weights/manifest.json.")
+    ex.add_argument("--run", default="runs/sprites")
+    ex.add_argument("--name", default="sprites")
+    ex.add_argument("--command", default=None, help="the training command to record")
+    ex.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
+    ex.add_argument("--train-minutes", type=float, default=None, help="wall-clock training time to record "
+                    "(default: as measured in the checkpoint)")
+    ex.set_defaults(func=_cmd_export)
+
     tc = sub.add_parser("train-classifier", help="train the SpriteClassifier the metrics use",
                         description="Train the small sprite classifier on a stratified 85%% split.")
     tc.add_argument("--out", default=str(WEIGHTS_DIR / "classifier.pt"))
@@ -1512,6 +1562,7 @@ def main(argv=None):
     ev.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 25, 50, 100])
     ev.add_argument("--guide-ws", type=float, nargs="+", default=[0, 1, 2, 4])
     ev.add_argument("--model", default="sprites")
+    ev.add_argument("--snapshots", nargs="*", default=[], help="more manifest names to score with DDIM-25 only")
     ev.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
     ev.add_argument("--fast", action="store_true", help="bf16 autocast for the network where the CPU has it")
     ev.add_argument("--seed", type=int, default=0)

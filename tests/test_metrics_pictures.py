@@ -54,13 +54,14 @@ def test_evaluate_small_n(tmp_path):
     clf = du.SpriteClassifier().eval()
     res, samples, idx, dist = du.evaluate(model, clf, du.make_schedule(10), images, labels, np.arange(0, 2718, 50),
                                           n=12, ddim_steps=(2,), etas=(0.0,), guide_ws=(0, 1), per_class=2, guide_steps=2,
-                                          progress=False)
+                                          progress=False, snapshots={"early": du.ContextUnet(n_feat=8).eval()})
     assert [r["sampler"] for r in res["samplers"]] == ["ddpm", "ddim"]
     assert res["floor"]["fid"] >= 0 and all(np.isfinite(r["fid"]) for r in res["samplers"])
     assert len(res["guidance"]) == 2 and set(res["guidance"][0]["class_accuracy"]) == set(du.CLASS_NAMES)
     assert samples.shape == (12, 3, 16, 16) and idx.shape == dist.shape == (12,)
     md = du.metrics_markdown(res, "python diffusion_utilities.py evaluate --n 12")
-    assert "| DDPM | 10 |" in md and "--n 12" in md
+    assert "| DDPM | 10 |" in md and "--n 12" in md and "| early |" in md
+    assert set(res["snapshots"]["early"]) == {"fid", "kid", "accuracy"}
     png = du.memorisation_figure(samples, dist, idx, images, tmp_path / "mem.png", n_pairs=4)
     assert png.exists()
     with pytest.raises(ValueError, match="too large"):

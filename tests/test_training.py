@@ -100,8 +100,12 @@ def test_resume_refuses_other_config_or_missing_checkpoint(tmp_path):
         du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu", resume=True)
     du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
     with pytest.raises(ValueError, match="different config"):
-        du.train(du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
+        du.train(du.TrainConfig(steps=2, batch_size=5, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
                  progress=False, device="cpu", resume=True)
+    # a different length is allowed: train longer
+    longer = du.train(du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
+                      progress=False, device="cpu", resume=True)
+    assert len(longer) == 3
 
 
 def test_save_atomic_never_leaves_a_broken_file(tmp_path, monkeypatch):

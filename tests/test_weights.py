@@ -55,6 +55,17 @@ def test_weights_only_loading_refuses_pickled_code(tmp_path):
         du.load_state(tmp_path / "evil.pt")
 
 
+def test_shipped_weights_load_on_cpu():
+    manifest = du.read_manifest()
+    assert "sprites" in manifest and "classifier" in manifest
+    for name in manifest:
+        model = du.load_pretrained(name, device="cpu")
+        assert not model.training
+    with torch.no_grad():
+        out = du.load_pretrained("sprites", device="cpu")(torch.zeros(2, 3, 16, 16), torch.tensor([0.5, 0.5]))
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
 def test_cli_sample_writes_png(tmp_path):
     torch.manual_seed(0)
     torch.save(du.ContextUnet().state_dict(), tmp_path / "w.pt")
