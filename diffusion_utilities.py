@@ -994,7 +994,8 @@ def describe_device(device):
     except OSError:
         import platform
         name = platform.processor() or name
-    return f"{name}, {torch.get_num_threads()} threads"
+    bf16 = ", native bf16" if cpu_supports_bf16() else ""
+    return f"{name}, {torch.get_num_threads()} threads{bf16}"
 
 
 def sha256_file(path):

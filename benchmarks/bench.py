@@ -11,7 +11,8 @@ What it measures, all in one process on one machine (interleaved, repeated, medi
   * the machine's practical peak: a large 3x3 convolution and a 2048^3 matrix product, fp32 and bf16,
     and the fraction of it our training step reaches (FLOPs counted from the layers: 3x forward);
   * sampling 32 images: DDPM with 500 steps and DDIM with 25, ours and a course-style loop;
-  * peak memory (resident set size) of training and of sampling, each in a fresh subprocess.
+  * peak memory (resident set size) of training (batch 100) and of sampling (32 images, DDIM-25), each in a
+    fresh subprocess, beside that of a process that only imports torch and the module.
 """
 import argparse
 import json
@@ -223,10 +224,22 @@ def memory_child(what):
         c = du.one_hot(torch.randint(0, 5, (BATCH,)))
         for _ in range(3):
             du.train_step(model, opt, x, c, schedule, amp_dtype=amp)
-    else:
+    elif what == "sample":
         model = du.ContextUnet(n_feat=N_FEAT).eval()
         du.sample_ddim(model, 32, schedule, n_steps=25, amp_dtype=du.fast_settings("cpu")[0])
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mb())
+
+
+def peak_rss_mb():
+    """This process's peak resident set in MB. /proc's VmHWM is per process image; ru_maxrss on Linux
+    carries the parent's peak across fork and exec, so it is only the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_memory(what):
@@ -241,7 +254,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats; DDPM-500 extrapolated from 50 steps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
-    ap.add_argument("--memory-child", choices=["train", "sample"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=["train", "sample", "import"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child)
@@ -306,7 +319,8 @@ def main():
         "ddpm500_s": ddpm_ours, "ddim25_s": ddim_ours, "ddim_speedup": ddpm_ours / ddim_ours,
         "course_ddpm500_s": ddpm_course, "course_ddim25_s": ddim_course,
         "ddpm500_extrapolated": args.quick,
-        "peak_rss_mb": {"train": measure_memory("train"), "sample": measure_memory("sample")},
+        "peak_rss_mb": {"train": measure_memory("train"), "sample": measure_memory("sample"),
+                        "import_only": measure_memory("import")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
@@ -323,8 +337,8 @@ def main():
          + (" (extrapolated)" if args.quick else "")),
         ("DDIM-25, 32 samples, ours / course (s)", f"{ddim_ours:.2f} / {ddim_course:.2f}"),
         ("DDIM-25 speed-up over DDPM-500", f"{ddpm_ours / ddim_ours:.1f}x"),
-        ("peak memory, training / sampling (MB RSS)",
-         f"{res['peak_rss_mb']['train']:.0f} / {res['peak_rss_mb']['sample']:.0f}"),
+        ("peak memory, training / sampling / just importing torch (MB RSS)",
+         f"{res['peak_rss_mb']['train']:.0f} / {res['peak_rss_mb']['sample']:.0f} / {res['peak_rss_mb']['import_only']:.0f}"),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

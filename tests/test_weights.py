@@ -58,6 +58,9 @@ def test_weights_only_loading_refuses_pickled_code(tmp_path):
 def test_shipped_weights_load_on_cpu():
     manifest = du.read_manifest()
     assert "sprites" in manifest and "classifier" in manifest
+    for entry in manifest.values():  # every file says how it was made
+        assert {"file", "sha256", "kind", "command", "seed", "hardware", "metrics"} <= set(entry)
+    assert manifest["sprites"]["train_minutes"] > 0 and manifest["sprites"]["metrics"]["n"] >= 1000
     for name in manifest:
         model = du.load_pretrained(name, device="cpu")
         assert not model.training
