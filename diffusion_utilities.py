@@ -468,8 +468,9 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
     history.json (loss per step), ema.pt (final EMA weights) and snap_<step>.pt snapshots.
     With resume=True an interrupted run continues from checkpoint.pt and ends in the same state
     as an uninterrupted one (config.steps may differ from the checkpoint's: the run then ends at
-    the new length, with the learning-rate schedule re-planned from the current step). minutes (a time budget) or stop_at (a step) stops early, after saving a
-    checkpoint, so a run can be split over sessions.
+    the new length, with the learning-rate schedule re-planned from the current step). minutes (a
+    time budget) or stop_at (a step) stops early, after saving a checkpoint, so a run can be split
+    over sessions.
     callback(step, loss) is called after each step (a notebook's live loss plot).
     """
     from tqdm.auto import tqdm
@@ -1425,8 +1426,11 @@ def _cmd_export(args):
     curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
     (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
     save_atomic(load_state(run / "checkpoint.pt"), wdir / f"{args.name}.pt")
+    minutes = args.train_minutes
+    if minutes is None and "train_seconds" in ck:
+        minutes = round(ck["train_seconds"] / 60, 1)
     add_to_manifest(args.name, f"{args.name}.pt", weights_dir=wdir, step=ck["step"],
-                    train_minutes=args.train_minutes or round(ck.get("train_seconds", float("nan")) / 60, 1), **made)
+                    train_minutes=minutes, **made)
     for snap in sorted(run.glob("snap_*.pt")):
         step = int(snap.stem.split("_")[1])
         name = f"{args.name}_step{step:06d}"
@@ -1471,22 +1475,30 @@ def _cmd_evaluate(args):
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
     (out / "metrics.md").write_text(metrics_markdown(res, command.strip()))
     memorisation_figure(samples, dist, nn_idx, images, out / "memorisation.png")
-    if not args.weights:  # record the headline numbers beside each shipped file in the manifest
-        manifest = read_manifest()
-        ddpm = res["samplers"][0]
-        ddim = next(r for r in res["samplers"] if r["sampler"] == "ddim" and r["steps"] == 25 and r["eta"] == 0)
-        best = max(res["guidance"], key=lambda g: g["balanced_accuracy"])
-        headline = {args.model: {"n": res["n"], "fid_floor": res["floor"]["fid"], "fid_ddpm500": ddpm["fid"],
-                                 "fid_ddim25": ddim["fid"], "kid_ddim25": ddim["kid"], "accuracy_ddim25": ddim["accuracy"],
-                                 "kid_ddpm500": ddpm["kid"],
-                                 "guided_accuracy": best["balanced_accuracy"], "at_guide_w": best["guide_w"],
-                                 "tables": "metrics.md"}}
-        headline.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"],
-                             "accuracy_ddim25": v["accuracy"]} for k, v in res["snapshots"].items()})
-        for name, m in headline.items():
-            entry = {k: v for k, v in manifest[name].items() if k not in ("file", "sha256", "kind")}
-            add_to_manifest(name, manifest[name]["file"], manifest[name]["kind"], **{**entry, "metrics": m})
+    if not args.weights:
+        _record_metrics(res, args.model)
     print((out / "metrics.md").read_text())
+
+
+def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
+    """Write the headline numbers of an evaluation beside each evaluated file in the manifest."""
+    manifest = read_manifest(weights_dir)
+    ddpm = res["samplers"][0]
+    headline = {"n": res["n"], "fid_floor": res["floor"]["fid"], "fid_ddpm500": ddpm["fid"], "kid_ddpm500": ddpm["kid"],
+                "tables": "metrics.md"}
+    ddim = next((r for r in res["samplers"] if r["sampler"] == "ddim" and r["steps"] == res["guide_steps"]
+                 and r["eta"] == 0), None)
+    if ddim is not None:
+        headline.update(fid_ddim25=ddim["fid"], kid_ddim25=ddim["kid"], accuracy_ddim25=ddim["accuracy"])
+    if res["guidance"]:
+        best = max(res["guidance"], key=lambda g: g["balanced_accuracy"])
+        headline.update(guided_accuracy=best["balanced_accuracy"], at_guide_w=best["guide_w"])
+    metrics = {model_name: headline}
+    metrics.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"], "accuracy_ddim25": v["accuracy"]}
+                    for k, v in res["snapshots"].items()})
+    for name, m in metrics.items():
+        entry = {k: v for k, v in manifest[name].items() if k not in ("file", "sha256", "kind")}
+        add_to_manifest(name, manifest[name]["file"], manifest[name]["kind"], weights_dir, **{**entry, "metrics": m})
 
 
 def main(argv=None):

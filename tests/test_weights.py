@@ -15,8 +15,40 @@ def _tiny_weights(tmp_path):
     return model
 
 
-def test_device_helper():
-    assert du.get_device().type in ("cuda", "mps", "cpu")
+def test_device_helper_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert du.get_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert du.get_device() == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert du.get_device() == torch.device("cuda")
+
+
+def test_export_run_then_load_and_record_metrics(tmp_path):
+    from test_training import _tiny_npz
+
+    data = _tiny_npz(tmp_path)
+    cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
+    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+    wdir = tmp_path / "w"
+    du.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--name", "tiny"])
+    manifest = du.read_manifest(wdir)
+    assert set(manifest) == {"tiny", "tiny_step000002"}
+    assert manifest["tiny"]["step"] == 3 and manifest["tiny"]["train_minutes"] >= 0
+    assert manifest["tiny"]["args"] == {"n_feat": 8} and "train --steps 3 --seed 0" in manifest["tiny"]["command"]
+    ema = torch.load(tmp_path / "run" / "ema.pt", weights_only=True)
+    loaded = du.load_pretrained("tiny", "cpu", weights_dir=wdir).state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    assert du.load_pretrained("tiny_step000002", "cpu", weights_dir=wdir).h == 16
+    res = {"n": 10, "floor": {"fid": 0.5}, "guide_steps": 25, "guidance": [], "snapshots": {
+        "tiny_step000002": {"fid": 9.0, "kid": 0.1, "accuracy": 0.2}},
+        "samplers": [{"sampler": "ddpm", "steps": 500, "eta": 1.0, "fid": 1.0, "kid": 0.01, "accuracy": 0.9}]}
+    du._record_metrics(res, "tiny", wdir)
+    manifest = du.read_manifest(wdir)
+    assert manifest["tiny"]["metrics"]["fid_ddpm500"] == 1.0
+    assert manifest["tiny_step000002"]["metrics"]["fid_ddim25"] == 9.0
+    du.load_pretrained("tiny", "cpu", weights_dir=wdir)  # the sha256 still matches after the update
 
 
 def test_load_pretrained_verifies_sha256(tmp_path):
