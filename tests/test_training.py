@@ -84,8 +84,9 @@ def test_resume_reaches_the_same_state(tmp_path):
     assert (tmp_path / "split" / "checkpoint.pt").exists() and not (tmp_path / "split" / "ema.pt").exists()
     split = du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", resume=True)
     assert whole == split and len(whole) == 6
-    a = torch.load(tmp_path / "whole" / "ema.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "ema.pt", weights_only=True)
+    a, args_a = du.read_weights(tmp_path / "whole" / "ema.pt")
+    b, args_b = du.read_weights(tmp_path / "split" / "ema.pt")
+    assert args_a == args_b and args_a["n_feat"] == cfg.n_feat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "whole" / "snap_000002.pt").exists()
     assert json.loads((tmp_path / "whole" / "history.json").read_text())["loss"] == whole

@@ -36,8 +36,8 @@ def test_export_run_then_load_and_record_metrics(tmp_path):
     manifest = du.read_manifest(wdir)
     assert set(manifest) == {"tiny", "tiny_step000002"}
     assert manifest["tiny"]["step"] == 3 and manifest["tiny"]["train_minutes"] >= 0
-    assert manifest["tiny"]["args"] == {"n_feat": 8} and "train --steps 3 --seed 0" in manifest["tiny"]["command"]
-    ema = torch.load(tmp_path / "run" / "ema.pt", weights_only=True)
+    assert manifest["tiny"]["args"] == {"n_feat": 8, "norm": "batch", "prediction": "v"} and "train --steps 3 --seed 0" in manifest["tiny"]["command"]
+    ema, _ = du.read_weights(tmp_path / "run" / "ema.pt")
     loaded = du.load_pretrained("tiny", "cpu", weights_dir=wdir).state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
     assert du.load_pretrained("tiny_step000002", "cpu", weights_dir=wdir).h == 16

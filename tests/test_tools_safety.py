@@ -1,0 +1,80 @@
+"""The command line never damages what ships: weights/ only with --to-weights, no unfinished exports,
+one training per run folder."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffusion_utilities as du
+from test_training import _tiny_npz
+
+
+def _shipped_state():
+    return {p.name: p.stat().st_mtime_ns for p in du.WEIGHTS_DIR.iterdir()}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    data = _tiny_npz(tmp_path)
+    cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1)
+    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+    return tmp_path / "run", data
+
+
+def test_export_and_evaluate_refuse_weights_without_the_flag(finished_run, tmp_path):
+    run, _ = finished_run
+    before = _shipped_state()
+    for argv in (["export", "--run", str(run), "--weights-dir", str(du.WEIGHTS_DIR)],
+                 ["export", "--run", str(run), "--weights-dir", str(du.WEIGHTS_DIR / "sub")],
+                 ["evaluate", "--out", str(du.WEIGHTS_DIR), "--n", "4"]):
+        with pytest.raises(SystemExit, match="--to-weights"):
+            du.main(argv)
+    assert _shipped_state() == before
+
+
+def test_export_default_goes_to_outputs(finished_run, tmp_path, monkeypatch):
+    run, _ = finished_run
+    monkeypatch.chdir(tmp_path)
+    before = _shipped_state()
+    du.main(["export", "--run", str(run), "--name", "tiny"])
+    assert (tmp_path / "outputs" / "export" / "tiny.pt").exists()
+    assert "tiny" in du.read_manifest(tmp_path / "outputs" / "export")
+    assert _shipped_state() == before
+
+
+def test_export_refuses_an_unfinished_run(tmp_path):
+    data = _tiny_npz(tmp_path)
+    cfg = du.TrainConfig(steps=6, batch_size=4, n_feat=8, warmup=1)
+    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu", stop_at=2)
+    with pytest.raises(SystemExit, match="stopped at step 2 of 6"):
+        du.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+
+
+def test_second_training_on_one_folder_fails_at_once(tmp_path):
+    data = _tiny_npz(tmp_path)
+    # another live process holds the folder
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "LOCK").write_text(str(holder.pid))
+        cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
+        with pytest.raises(RuntimeError, match=f"in use by training process {holder.pid}"):
+            du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # once that process is gone, its lock is stale and taken over; the run then releases it
+    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+    assert (tmp_path / "run" / "ema.pt").exists() and not (tmp_path / "run" / "LOCK").exists()
+
+
+def test_checkpoint_temp_files_are_per_process(tmp_path, monkeypatch):
+    names = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (names.append(str(f)), real_save(obj, f, *a, **k)))
+    du.save_atomic({"a": torch.ones(1)}, tmp_path / "ck.pt")
+    assert names == [str(tmp_path / f"ck.pt.{os.getpid()}.tmp")]
