@@ -1,15 +1,12 @@
-"""diffusion_utilities.py: everything the course's notebooks run, in the order the course teaches it.
+"""diffusion_utilities.py: the course's code, in the order the notebooks teach it.
 
-    1. Noise schedule        make_schedule
-    2. Forward process       perturb_input
-    3. Model                 ContextUnet
-    4. Training              diffusion_loss, train_step, EMA, train (resumable, with checkpoints)
-    5. Samplers              denoise_add_noise, denoise_ddim, sample_ddpm, sample_ddim
-    6. Data                  load_sprites, SpriteDataset, augment_batch
-    7. Pictures              show_images, plot_sample, animation_html, save_gif
-    8. Weights               get_device, load_model, load_pretrained
-    9. Metrics               SpriteClassifier, frechet_distance, kernel_inception_distance, nearest_neighbours
-   10. Command line          python diffusion_utilities.py train|sample|evaluate --help
+    Notebook 1  Noise schedule, forward process   make_schedule, perturb_input, predict_x0
+    Notebook 2  Model                             ContextUnet (eps- or v-prediction)
+    Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA, train
+    Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
+    Notebook 5  Context and guidance              predict_noise (classifier-free guidance), one_hot
+    Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
+    Appendix    data, pictures, devices, weights  load_sprites, show_images, plot_sample, load_pretrained
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
 0..T, where x_0 is a clean image and x_T is (almost) pure noise; the network is given t / T.
@@ -19,17 +16,18 @@ for "no context". Nothing here reads notebook globals: every function takes what
 The names follow DeepLearning.AI's "How Diffusion Models Work" (perturb_input, denoise_add_noise,
 denoise_ddim, ContextUnet, sample_ddpm, sample_ddim), with that course's bugs fixed: the forward
 process has its square root, the residual shortcut is a trained layer, DDIM works for any step count.
+Tooling that no lesson reads (metrics, the weights manifest, the command line) lives in course_tools/;
+`python diffusion_utilities.py train|sample|export|evaluate --help` still works.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import math
 import os
-import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +43,7 @@ WEIGHTS_DIR = ROOT / "weights"
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Noise schedule
+# Notebook 1. Noise schedule
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -102,9 +100,15 @@ def make_schedule(timesteps=500, beta1=1e-4, beta2=0.02, kind="linear"):
 
 
 def _check_images(x, name="x"):
+    """Images must be a finite float tensor (B, C, H, W); uint8 pixels are refused, not misread."""
     if not torch.is_tensor(x) or x.dim() != 4:
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"{name} must be a tensor of images with shape (B, C, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must hold floats in [-1, 1], got {x.dtype}; convert 0..255 pixels with "
+                         "du.to_tensor_images (or x.float() / 127.5 - 1)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or inf")
 
 
 def _timestep_tensor(t, batch, schedule, name="t", low=0):
@@ -135,7 +139,7 @@ def _at(values, t, x):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Forward process: noising in closed form
+# Notebook 1. Forward process: noising in closed form
 # ---------------------------------------------------------------------------------------------
 
 def perturb_input(x, t, noise, schedule):
@@ -163,7 +167,7 @@ def predict_x0(x_t, t, pred_noise, schedule):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Model: the course's ContextUnet, with its shortcut and pooling bugs fixed
+# Notebook 2. Model: the course's ContextUnet, with its shortcut and pooling bugs fixed
 # ---------------------------------------------------------------------------------------------
 
 def make_norm(kind, channels):
@@ -291,6 +295,8 @@ class ContextUnet(nn.Module):
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must hold floats in [-1, 1], got {x.dtype}; convert pixels with du.to_tensor_images")
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.numel() not in (1, B):
             raise ValueError(f"t must hold 1 or B={B} values of t/T, got shape {tuple(t.shape)}")
@@ -322,7 +328,7 @@ def count_parameters(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Training
+# Notebook 3. Training
 # ---------------------------------------------------------------------------------------------
 
 def one_hot(labels, n_cfeat=5):
@@ -538,6 +544,30 @@ class TrainConfig:
     snapshot_steps: list = field(default_factory=list)
     checkpoint_every: int = 500
 
+    def __post_init__(self):
+        """Refuse settings that would train nothing or silently train wrong, naming the option."""
+        def bad(name, why):
+            raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch_size", "checkpoint_every", "timesteps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        for name in ("lr", "lr_min", "drop_prob", "ema_decay", "input_perturbation", "jitter", "class_balance"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be a finite number")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", "must lie in [0, 1)")
+        if not 0 <= self.drop_prob <= 1:
+            bad("drop_prob", "must lie in [0, 1]")
+        if not isinstance(self.n_feat, int) or self.n_feat < 8 or self.n_feat % 8:
+            bad("n_feat", "must be a positive multiple of 8 (the network's GroupNorm uses 8 groups)")
+        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
+            bad("snr_gamma", "must be a finite number > 0, or None for no weighting")
+        if self.warmup < 0 or self.ema_warmup < 1:
+            bad("warmup" if self.warmup < 0 else "ema_warmup", "is out of range")
+
 
 def class_sampling_weights(labels, power=0.5):
     """Per-sprite sampling weights so class c is drawn with probability proportional to n_c**power.
@@ -626,79 +656,122 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
 
     device = torch.device(device) if device is not None else get_device()
     amp_dtype, mem_format = fast_settings(device)
-    images, labels, _ = load_sprites(data_path)
-    alpha = np.load(_resolve_data_path(data_path))["alpha"]
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 16, 16)
-    a_all = torch.from_numpy(alpha)[:, None].contiguous()
-    c_all = one_hot(torch.from_numpy(labels), 5)
-    weights = torch.from_numpy(class_sampling_weights(labels, config.class_balance))
-
+    data = _TrainingData(data_path, config)
     torch.manual_seed(config.seed)
     schedule = make_schedule(config.timesteps).to(device)
-    model = ContextUnet(n_feat=config.n_feat, norm=config.norm, prediction=config.prediction,
-                        zero_init=config.zero_init).to(device, memory_format=mem_format)
+    model = ContextUnet(n_feat=config.n_feat, n_cfeat=data.n_classes, height=data.height, norm=config.norm,
+                        prediction=config.prediction, zero_init=config.zero_init).to(device, memory_format=mem_format)
     ema = EMA(model, config.ema_decay, config.ema_warmup)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)  # drives batches, t, noise and dropout
     loss_options = {"snr_gamma": config.snr_gamma, "input_perturbation": config.input_perturbation,
                     "t_probs": (None if config.t_sampling == "uniform"
                                 else timestep_probabilities(schedule.to("cpu"), config.t_sampling))}
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)  # drives batches, t, noise and dropout
-    step, history, seconds = 0, [], 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
+    run = _RunState(out_dir, config, data, device)
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        run.resume(model, ema, opt, gen)
+    deadline = time.time() + 60 * minutes if minutes is not None else None
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="training", mininterval=2)
+    while run.step < config.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(run.step, config.steps, config.lr, config.lr_min, config.warmup)
+        x, c = data.batch(gen, device, mem_format)                                      # 1. a batch of sprites
+        loss = train_step(model, opt, x, c, schedule, config.drop_prob, gen, amp_dtype, **loss_options)  # 2. a step
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {run.step + 1}; training stopped. The last good "
+                                     f"checkpoint ({run.saved_step}) is kept in {run.ckpt_path}; try a lower --lr")
+        ema.update(model)                                                               # 3. the moving average
+        run.step += 1
+        run.history.append(loss)
+        bar.update(1)
+        if run.step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(run.history[-200:]):.4f}")
+        if callback is not None:
+            callback(run.step, loss)
+        if run.step in config.snapshot_steps:                                           # 4. snapshots, checkpoints
+            run.save_snapshot(ema.model)
+        stop = run.step < config.steps and ((deadline is not None and time.time() > deadline) or run.step == stop_at)
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps or stop:
+            run.save_checkpoint(model, ema, opt, gen)
+        if stop:
+            break
+    bar.close()
+    if run.step >= config.steps:
+        save_atomic(weights_file(ema.model), out_dir / "ema.pt")
+    return run.history
+
+
+class _TrainingData:
+    """The sprites as uint8 tensors, their one-hot contexts and per-sprite sampling weights; batch() draws
+    a class-balanced, augmented batch as floats in [-1, 1]."""
+
+    def __init__(self, data_path, config):
+        self.path = _resolve_data_path(data_path)
+        images, labels, class_names = load_sprites(self.path)
+        with np.load(self.path) as d:
+            alpha = d["alpha"]
+        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
+        self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
+        self.n_classes, self.height = len(class_names), images.shape[1]
+        self.c = one_hot(torch.from_numpy(labels), self.n_classes)
+        self.weights = torch.from_numpy(class_sampling_weights(labels, config.class_balance))
+        self.config = config
+        self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def batch(self, gen, device, mem_format):
+        cfg = self.config
+        idx = torch.multinomial(self.weights, cfg.batch_size, replacement=True, generator=gen)
+        x = augment_batch(self.x[idx], self.alpha[idx], flip=cfg.flip, jitter=cfg.jitter, generator=gen)
+        return x.to(device).contiguous(memory_format=mem_format), self.c[idx].to(device)
+
+
+class _RunState:
+    """Where a run stands (step, loss history, training seconds) and its files: checkpoint.pt,
+    history.json and snapshots. A checkpoint holds everything needed to continue bit-exactly."""
+
+    def __init__(self, out_dir, config, data, device):
+        self.out_dir, self.config, self.data, self.device = Path(out_dir), config, data, device
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.step, self.history, self.saved_step = 0, [], "none yet"
+        self.t_start = time.time()
+
+    def resume(self, model, ema, opt, gen):
+        if not self.ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}; start without --resume")
+        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         # Only the length may change on resume (to train longer or stop sooner); the learning-rate
         # schedule is then re-planned from the current step.
-        if {**ck["config"], "steps": config.steps} != config.__dict__:
-            raise ValueError(f"--resume: checkpoint was made with a different config:\n{ck['config']}\n"
-                             f"vs now\n{config.__dict__}")
+        changed = [f"{k}={ck['config'].get(k)!r} in the checkpoint, now {v!r}"
+                   for k, v in self.config.__dict__.items() if k != "steps" and ck["config"].get(k) != v]
+        if ck.get("data_sha256", self.data.digest) != self.data.digest:
+            changed.append(f"--data: the checkpoint trained on {ck.get('data_path')}, now {self.data.path} "
+                           "(different contents)")
+        if changed:
+            raise ValueError("--resume: the checkpoint was made with other settings: " + "; ".join(changed)
+                             + ". Resume with the same settings, or start a new run in another --out.")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["rng"]["torch"])
-        step, history, seconds = ck["step"], list(ck["history"]), ck.get("train_seconds", 0.0)
-    t_start = time.time() - seconds
+        self.step, self.history, self.saved_step = ck["step"], list(ck["history"]), ck["step"]
+        self.t_start = time.time() - ck.get("train_seconds", 0.0)
 
-    def save_checkpoint():
-        save_atomic({"config": config.__dict__, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": {"torch": torch.get_rng_state()},
-                     "step": step, "history": history, "train_seconds": time.time() - t_start}, ckpt_path)
-        (out_dir / "history.json").write_text(json.dumps({"loss": history, "train_seconds": time.time() - t_start,
-                                                          "device": describe_device(device)}))
+    def save_checkpoint(self, model, ema, opt, gen):
+        seconds = time.time() - self.t_start
+        save_atomic({"config": self.config.__dict__, "model": model.state_dict(), "ema": ema.state_dict(),
+                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                     "rng": {"torch": torch.get_rng_state()}, "step": self.step, "history": self.history,
+                     "train_seconds": seconds, "data_path": str(self.data.path), "data_sha256": self.data.digest,
+                     "model_args": model_args(model)},
+                    self.ckpt_path)
+        (self.out_dir / "history.json").write_text(json.dumps({"loss": self.history, "train_seconds": seconds,
+                                                               "device": describe_device(self.device)}))
+        self.saved_step = self.step
 
-    deadline = time.time() + 60 * minutes if minutes is not None else None
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="training", mininterval=2)
-    while step < config.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config.steps, config.lr, config.lr_min, config.warmup)
-        idx = torch.multinomial(weights, config.batch_size, replacement=True, generator=gen)
-        x = augment_batch(x_all[idx], a_all[idx], flip=config.flip, jitter=config.jitter, generator=gen)
-        x = x.to(device).contiguous(memory_format=mem_format)
-        c = c_all[idx].to(device)
-        loss = train_step(model, opt, x, c, schedule, config.drop_prob, gen, amp_dtype, **loss_options)
-        ema.update(model)
-        step += 1
-        history.append(loss)
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(history[-200:]):.4f}")
-        if callback is not None:
-            callback(step, loss)
-        if step in config.snapshot_steps:
-            save_atomic({**weights_file(ema.model, half=True), "step": step, "train_seconds": time.time() - t_start},
-                        out_dir / f"snap_{step:06d}.pt")
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            save_checkpoint()
-        if step < config.steps and ((deadline is not None and time.time() > deadline) or step == stop_at):
-            save_checkpoint()
-            break
-    bar.close()
-    if step >= config.steps:
-        save_atomic(weights_file(ema.model), out_dir / "ema.pt")
-    return history
+    def save_snapshot(self, ema_model):
+        save_atomic({**weights_file(ema_model, half=True), "step": self.step,
+                     "train_seconds": time.time() - self.t_start}, self.out_dir / f"snap_{self.step:06d}.pt")
 
 
 def model_args(model):
@@ -716,10 +789,10 @@ def weights_file(model, half=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Samplers
+# Notebooks 4-6. Samplers: DDPM (4), context and guidance (5), DDIM (6)
 # ---------------------------------------------------------------------------------------------
 
-def denoise_add_noise(x, t, pred_noise, schedule, z=None):
+def denoise_add_noise(x, t, pred_noise, schedule, *, z=None):
     """One DDPM ancestral step, x_t -> x_{t-1} (Ho et al. 2020, Algorithm 2, with sigma_t^2 = beta_t).
 
     x_{t-1} = (x_t - pred_noise * b_t / sqrt(1 - ab_t)) / sqrt(a_t) + sqrt(b_t) * z.
@@ -732,12 +805,14 @@ def denoise_add_noise(x, t, pred_noise, schedule, z=None):
     t = _timestep_tensor(t, x.shape[0], schedule, low=1)
     if z is None:
         z = torch.randn_like(x)
+    elif z.shape != x.shape:
+        raise ValueError(f"z must have the shape of x, {tuple(x.shape)} (one fresh noise per sample), got {tuple(z.shape)}")
     b, a, ab = (_at(v, t, x) for v in (schedule.b_t, schedule.a_t, schedule.ab_t))
     mean = (x - pred_noise * (1 - a) / (1 - ab).sqrt()) / a.sqrt()
     return mean + b.sqrt() * z
 
 
-def denoise_ddim(x, t, t_prev, pred_noise, schedule, eta=0.0, z=None):
+def denoise_ddim(x, t, t_prev, pred_noise, schedule, *, eta=0.0, z=None):
     """One DDIM step, x_t -> x_{t_prev} with t_prev < t (Song et al. 2020, eq. 12; sigma from eq. 16).
 
     x0 = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)
@@ -748,23 +823,29 @@ def denoise_ddim(x, t, t_prev, pred_noise, schedule, eta=0.0, z=None):
     _check_images(x)
     if pred_noise.shape != x.shape:
         raise ValueError(f"pred_noise must have the shape of x, {tuple(x.shape)}, got {tuple(pred_noise.shape)}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+    _check_eta(eta)
     B = x.shape[0]
     t = _timestep_tensor(t, B, schedule, "t", low=1)
     t_prev = _timestep_tensor(t_prev, B, schedule, "t_prev", low=0)
     if bool((t_prev >= t).any()):
         raise ValueError("t_prev must be smaller than t (DDIM steps go from noise towards the image)")
     ab, ab_prev = _at(schedule.ab_t, t, x), _at(schedule.ab_t, t_prev, x)
-    x0 = (x - (1 - ab).sqrt() * pred_noise) / ab.sqrt()
+    x0 = predict_x0(x, t, pred_noise, schedule)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     direction = (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
     out = ab_prev.sqrt() * x0 + direction
     if eta > 0:
         if z is None:
             z = torch.randn_like(x)
+        elif z.shape != x.shape:
+            raise ValueError(f"z must have the shape of x, {tuple(x.shape)}, got {tuple(z.shape)}")
         out = out + sigma * z
     return out
+
+
+def _check_eta(eta):
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
 
 
 def _model_device(model):
@@ -772,34 +853,46 @@ def _model_device(model):
 
 
 def _prepare_context(context, n_sample, model, guide_w):
-    """Contexts as a float (n_sample, n_cfeat) tensor on the model's device, or None."""
+    """Contexts as a float (n_sample, n_cfeat) tensor on the model's device, or None.
+
+    context: None; integer class ids (n_sample,); contexts (n_sample, n_cfeat) as floats (one-hot
+    rows or blends); or one context (1, n_cfeat) shared by every sample.
+    """
     n_cfeat = model.n_cfeat
-    if context is not None:
-        context = torch.as_tensor(context)
-        if not context.is_floating_point():
-            context = one_hot(context, n_cfeat)
-        if context.dim() == 1 and context.shape[0] == n_cfeat:
-            context = context.expand(n_sample, n_cfeat)
-        if context.shape != (n_sample, n_cfeat):
-            raise ValueError(f"context must be class ids ({n_sample},) or contexts ({n_sample}, {n_cfeat}), "
-                             f"got {tuple(context.shape)}")
-        context = context.float().to(_model_device(model))
-    if not guide_w >= 0:
-        raise ValueError(f"guide_w must be >= 0, got {guide_w}")
-    if guide_w > 0 and context is None:
-        raise ValueError("classifier-free guidance (guide_w > 0) needs a context to steer towards")
-    return context
+    if not (isinstance(guide_w, (int, float)) and math.isfinite(guide_w) and guide_w >= 0):
+        raise ValueError(f"guide_w must be a finite number >= 0 (0 = no guidance), got {guide_w!r}")
+    if context is None:
+        if guide_w > 0:
+            raise ValueError("classifier-free guidance (guide_w > 0) needs a context to steer towards")
+        return None
+    context = torch.as_tensor(context)
+    if not context.is_floating_point():
+        context = one_hot(context.reshape(-1) if context.dim() == 0 else context, n_cfeat)
+    elif context.dim() == 1:
+        raise ValueError(f"a 1-D context must hold integer class ids, got {context.dtype}; for one blended "
+                         f"context pass shape (1, {n_cfeat}), for several pass ({n_sample}, {n_cfeat})")
+    if context.dim() == 2 and context.shape == (1, n_cfeat):
+        context = context.expand(n_sample, n_cfeat)
+    if context.shape != (n_sample, n_cfeat):
+        raise ValueError(f"context must be class ids ({n_sample},) or contexts ({n_sample}, {n_cfeat}), "
+                         f"got {tuple(context.shape)}")
+    if not bool(torch.isfinite(context).all()):
+        raise ValueError("context holds NaN or inf")
+    return context.float().to(_model_device(model))
 
 
-def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, amp_dtype=None):
-    """The network's noise estimate at integer step t, with classifier-free guidance.
+def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype=None):
+    """The network's noise estimate at integer step t in 0..T, with classifier-free guidance.
 
     eps = (1 + w) * eps(x, c) - w * eps(x, zero context); w = 0 is the plain conditional estimate.
     Both passes run as one batch. A v-predicting model's output is turned into eps first:
     eps = sqrt(ab_t) * v + sqrt(1 - ab_t) * x_t (substitute x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
-    into v's definition). amp_dtype=torch.bfloat16 runs the network under autocast (faster on CPUs
-    with native bf16); the sampler's own arithmetic stays fp32.
+    into v's definition). context: (B, n_cfeat) floats or None. amp_dtype=torch.bfloat16 runs the
+    network under autocast (faster on CPUs with native bf16); the sampler's own arithmetic stays fp32.
     """
+    _check_images(x)
+    if not isinstance(t, (int, np.integer)) or not 0 <= t <= schedule.T:
+        raise ValueError(f"t must be an integer step in 0..{schedule.T}, got {t!r}")
     B = x.shape[0]
     tt = torch.full((B,), t / schedule.T, device=x.device, dtype=x.dtype)
     with autocast_context(x.device, amp_dtype):
@@ -813,13 +906,6 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, amp_dtype=No
         ab = schedule.ab_t[t].to(x.device)
         out = ab.sqrt() * out + (1 - ab).sqrt() * x
     return out
-
-
-def _check_sampler_args(model, n_sample, schedule):
-    if not isinstance(n_sample, int) or n_sample < 1:
-        raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
-    if not isinstance(model, ContextUnet):
-        raise ValueError(f"model must be a ContextUnet, got {type(model).__name__}")
 
 
 class _EvalMode:
@@ -842,8 +928,25 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
+def _start_sampling(model, n_sample, schedule, context, guide_w, generator):
+    """What every sampler does first: check its inputs, move the schedule and context to the model's
+    device, and draw x_T. Any nn.Module with ContextUnet's call signature model(x, t/T, context) and its
+    attributes in_channels, h and n_cfeat can be sampled (prediction="v" if it predicts v).
+    Returns (schedule, context, x_T)."""
+    missing = [a for a in ("in_channels", "h", "n_cfeat") if not hasattr(model, a)]
+    if not isinstance(model, nn.Module) or missing:
+        raise ValueError(f"model must be an nn.Module called as model(x, t / T, context) with the attributes "
+                         f"in_channels, h and n_cfeat, like ContextUnet; {type(model).__name__} lacks {missing}")
+    if not isinstance(n_sample, int) or n_sample < 1:
+        raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
+    device = _model_device(model)
+    context = _prepare_context(context, n_sample, model, guide_w)
+    x = _randn((n_sample, model.in_channels, model.h, model.h), generator, device)
+    return schedule.to(device), context, x
+
+
 @torch.no_grad()
-def sample_ddpm(model, n_sample, schedule, context=None, guide_w=0.0, save_rate=20, generator=None,
+def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_rate=20, generator=None,
                 add_noise=True, progress=False, amp_dtype=None):
     """Generate n_sample images with the full DDPM reverse process (T network calls).
 
@@ -857,32 +960,28 @@ def sample_ddpm(model, n_sample, schedule, context=None, guide_w=0.0, save_rate=
     """
     from tqdm.auto import tqdm
 
-    _check_sampler_args(model, n_sample, schedule)
     if not isinstance(save_rate, int) or save_rate < 1:
         raise ValueError(f"save_rate must be a positive integer, got {save_rate!r}")
-    device = _model_device(model)
-    schedule = schedule.to(device)
-    context = _prepare_context(context, n_sample, model, guide_w)
-    shape = (n_sample, model.in_channels, model.h, model.h)
-    x = _randn(shape, generator, device)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM", mininterval=1):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype)
-            z = _randn(shape, generator, device) if (add_noise and t > 1) else torch.zeros_like(x)
-            x = denoise_add_noise(x, t, eps, schedule, z)
+            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+            z = _randn(x.shape, generator, x.device) if (add_noise and t > 1) else torch.zeros_like(x)
+            x = denoise_add_noise(x, t, eps, schedule, z=z)
             if (t - 1) % save_rate == 0 or t - 1 < 8:
                 frames.append(x.cpu().numpy())
     return x, np.stack(frames)
 
 
-def sample_ddpm_incorrect(model, n_sample, schedule, context=None, save_rate=20, generator=None):
+def sample_ddpm_incorrect(model, n_sample, schedule, *, context=None, save_rate=20, generator=None):
     """DDPM without the fresh noise at each step: the mean of every step, never a sample.
 
     The lesson: the network was trained on x_t that carry the right amount of noise; without it the
     images drift off that distribution and collapse to smooth, similar blobs. Same returns as sample_ddpm.
     """
-    return sample_ddpm(model, n_sample, schedule, context, 0.0, save_rate, generator, add_noise=False)
+    return sample_ddpm(model, n_sample, schedule, context=context, save_rate=save_rate, generator=generator,
+                       add_noise=False)
 
 
 def ddim_timesteps(T, n_steps):
@@ -896,7 +995,7 @@ def ddim_timesteps(T, n_steps):
 
 
 @torch.no_grad()
-def sample_ddim(model, n_sample, schedule, n_steps=25, eta=0.0, context=None, guide_w=0.0, generator=None,
+def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None, guide_w=0.0, generator=None,
                 progress=False, amp_dtype=None):
     """Generate n_sample images with DDIM in n_steps network calls (any n_steps in 1..T).
 
@@ -906,27 +1005,21 @@ def sample_ddim(model, n_sample, schedule, n_steps=25, eta=0.0, context=None, gu
     """
     from tqdm.auto import tqdm
 
-    _check_sampler_args(model, n_sample, schedule)
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+    _check_eta(eta)
     steps = ddim_timesteps(schedule.T, n_steps)
-    device = _model_device(model)
-    schedule = schedule.to(device)
-    context = _prepare_context(context, n_sample, model, guide_w)
-    shape = (n_sample, model.in_channels, model.h, model.h)
-    x = _randn(shape, generator, device)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM"):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype)
-            z = _randn(shape, generator, device) if eta > 0 else None
-            x = denoise_ddim(x, t, t_prev, eps, schedule, eta, z)
+            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+            z = _randn(x.shape, generator, x.device) if eta > 0 else None
+            x = denoise_ddim(x, t, t_prev, eps, schedule, eta=eta, z=z)
             frames.append(x.cpu().numpy())
     return x, np.stack(frames)
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Data
+# Appendix. Data
 # ---------------------------------------------------------------------------------------------
 
 CLASS_NAMES = ["hero", "non-hero", "food", "spell", "item"]
@@ -951,8 +1044,31 @@ def load_sprites(path="data/sprites16.npz"):
     images: uint8 (N, 16, 16, 3) RGB on white; labels: int64 (N,) in 0..4;
     class_names: list of 5 str (hero, non-hero, food, spell, item).
     """
-    with np.load(_resolve_data_path(path)) as d:
-        return d["images"], d["labels"].astype(np.int64), [str(s) for s in d["class_names"]]
+    path = _resolve_data_path(path)
+    try:
+        with np.load(path) as d:
+            missing = sorted({"images", "labels", "class_names", "alpha"} - set(d.files))
+            if missing:
+                raise ValueError(f"{path} is not a sprite dataset: it lacks {missing} (has {sorted(d.files)})")
+            images, labels, alpha = d["images"], d["labels"], d["alpha"]
+            class_names = [str(s) for s in d["class_names"]]
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated or not an npz file
+        raise ValueError(f"{path} cannot be read as a dataset (.npz): {err}. Rebuild it, or restore it with "
+                         "`git checkout -- data/`") from None
+    _check_dataset(path, images, labels, alpha, class_names)
+    return images, labels.astype(np.int64), class_names
+
+
+def _check_dataset(path, images, labels, alpha, class_names):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{path}: images must be uint8 pixels of shape (N, H, H, 3), got {images.dtype} "
+                         f"{images.shape} (float images in [0, 1] would train on black: multiply by 255 first)")
+    n = len(images)
+    if n < 2 or labels.shape != (n,) or alpha.shape != images.shape[:3]:
+        raise ValueError(f"{path}: need at least 2 images with one label and one alpha map each; got {n} images, "
+                         f"labels {labels.shape}, alpha {alpha.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(f"{path}: labels must be integers in 0..{len(class_names) - 1} (one per class name)")
 
 
 def to_tensor_images(images):
@@ -1035,7 +1151,7 @@ class SpriteDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Pictures
+# Appendix. Pictures
 # ---------------------------------------------------------------------------------------------
 
 def to_display(x):
@@ -1136,7 +1252,7 @@ def save_gif(ani, path, fps=5):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Devices and weights
+# Appendix. Devices and weights
 # ---------------------------------------------------------------------------------------------
 
 def get_device():
@@ -1166,14 +1282,6 @@ def describe_device(device):
     return f"{name}, {torch.get_num_threads()} threads{bf16}"
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_state(path, device="cpu"):
     """A state_dict from a file, loaded safely (weights_only=True), floats as fp32."""
     return read_weights(path, device)[0]
@@ -1186,13 +1294,19 @@ def read_weights(path, device="cpu"):
         raise FileNotFoundError(f"weights file not found: {path}. The course's weights ship in weights/ "
                                 "of the repository; clone it whole, or train your own with "
                                 "`python diffusion_utilities.py train`.")
-    state, args = torch.load(path, map_location=device, weights_only=True), {}
+    try:
+        state, args = torch.load(path, map_location=device, weights_only=True), {}
+    except Exception as err:  # not a torch file, truncated, or pickled code that weights_only refuses
+        raise ValueError(f"{path} is not a weights file or training checkpoint ({type(err).__name__}; files are "
+                         "loaded weights only, so anything but tensors, including pickled code, is refused)") from None
     if isinstance(state, dict) and "model" in state and "ema" in state:  # a training checkpoint
         cfg = state.get("config", {})
-        args = {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
+        args = state.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
         state = state["ema"]["model"]
     elif isinstance(state, dict) and "state_dict" in state:  # ema.pt, a snapshot
         state, args = state["state_dict"], state.get("model_args", {})
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} holds no model weights (a state_dict of tensors)")
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, args
 
 
@@ -1205,33 +1319,12 @@ def load_model(path, device=None, **model_args):
     device = torch.device(device) if device is not None else get_device()
     state, saved = read_weights(path, device)
     model = ContextUnet(**{**saved, **model_args})
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit ContextUnet({', '.join(f'{k}={v!r}' for k, v in {**saved, **model_args}.items())})"
+                         f": {str(err).splitlines()[0]}; pass the architecture it was trained with (e.g. n_feat=...)") from None
     return model.to(device).eval()
-
-
-def read_manifest(weights_dir=WEIGHTS_DIR):
-    """weights/manifest.json as a dict: name -> entry (file, sha256, kind, how it was made, metrics)."""
-    path = Path(weights_dir) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no weights manifest at {path}; the shipped weights live in weights/ of the "
-                                "repository (clone it whole)")
-    return json.loads(path.read_text())["weights"]
-
-
-def add_to_manifest(name, file, kind="ContextUnet", weights_dir=WEIGHTS_DIR, **info):
-    """Record (or update) a weights file in weights/manifest.json with its sha256 and how it was made.
-
-    kind: "ContextUnet" or "classifier"; info: e.g. args (constructor arguments), command, seed,
-    train_minutes, hardware, metrics.
-    """
-    weights_dir = Path(weights_dir)
-    path = weights_dir / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {"weights": {}}
-    manifest["weights"][name] = {"file": str(file), "sha256": sha256_file(weights_dir / file), "kind": kind, **info}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return manifest["weights"][name]
 
 
 def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
@@ -1241,6 +1334,8 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
     from early in its training; "classifier" is the SpriteClassifier the metrics use. The file's
     sha256 is checked against the manifest first, and a mismatch is refused.
     """
+    from course_tools.manifest import read_manifest, sha256_file  # tooling, imported only when needed
+
     manifest = read_manifest(weights_dir)
     if name not in manifest:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(sorted(manifest))}")
@@ -1256,564 +1351,16 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
                          "`git checkout -- weights/` or re-download the repository.")
     device = torch.device(device) if device is not None else get_device()
     if entry["kind"] == "classifier":
+        from course_tools.metrics import SpriteClassifier
+
         model = SpriteClassifier(**entry.get("args", {}))
         model.load_state_dict(load_state(path, device))
         return model.to(device).eval()
     return load_model(path, device, **entry.get("args", {}))
 
 
-# ---------------------------------------------------------------------------------------------
-# 9. Metrics: how good are the samples?
-# ---------------------------------------------------------------------------------------------
-
-class SpriteClassifier(nn.Module):
-    """A small CNN that tells the 5 sprite classes apart; its penultimate layer (128 features)
-    is the feature space for sprite-FID and KID (Inception weights cannot be downloaded at run
-    time, and a network trained on our 16x16 sprites judges them more sharply).
-
-    forward(x) with x (B, 3, 16, 16) in [-1, 1] -> logits (B, n_classes); features(x) -> (B, 128).
-    """
-
-    def __init__(self, n_classes=5, width=32):
-        super().__init__()
-
-        def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.GELU())
-
-        w = width
-        self.body = nn.Sequential(block(3, w), block(w, w), nn.MaxPool2d(2),
-                                  block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
-                                  block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * w, n_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def split_indices(labels, test_fraction=0.15, seed=0):
-    """A stratified train/test split of sprite indices: (train_idx, test_idx), both sorted."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    test = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        test.extend(idx[:max(1, int(round(test_fraction * len(idx))))])
-    test = np.sort(np.array(test))
-    train = np.setdiff1d(np.arange(len(labels)), test)
-    return train, test
-
-
-def train_classifier(images, labels, epochs=30, batch_size=64, lr=2e-3, seed=0, progress=True):
-    """Train a SpriteClassifier on uint8 images (N, 16, 16, 3) with labels (N,). Returns it in eval mode.
-
-    Flips and a little Gaussian noise as augmentation, and a class-weighted loss so the rare food
-    class counts.
-    """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_all = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
-    y_all = torch.as_tensor(labels).long()
-    counts = torch.bincount(y_all, minlength=5).float()
-    class_w = (counts.sum() / (len(counts) * counts.clamp(min=1)))
-    model = SpriteClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    n_batches = math.ceil(len(y_all) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * n_batches)
-    model.train()
-    for _ in tqdm(range(epochs), disable=not progress, desc="classifier"):
-        perm = torch.randperm(len(y_all), generator=gen)
-        for b in range(n_batches):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            x = augment_batch(x_all[idx], flip=True, generator=gen)
-            x = x + 0.05 * torch.randn(x.shape, generator=gen)  # robustness to slightly noisy samples
-            loss = F.cross_entropy(model(x), y_all[idx], weight=class_w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def classifier_outputs(classifier, x, batch_size=500):
-    """(features (N, 128) float64 numpy, predicted class (N,) numpy) for images x (N, 3, 16, 16) in [-1, 1]."""
-    classifier.eval()
-    dev = next(classifier.parameters()).device
-    feats, preds = [], []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(dev).float().clamp(-1, 1)
-        f = classifier.features(xb)
-        feats.append(f.double().cpu())
-        preds.append(classifier.head(f).argmax(1).cpu())
-    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
-
-
-def frechet_distance(feats_a, feats_b):
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D): the "FID" formula.
-
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with the trace of the matrix square root
-    taken from the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so numpy's eigh is enough).
-    """
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two feature arrays (N, D) with the same D and N >= 2, got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
-    tr_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
-
-
-def kernel_inception_distance(feats_a, feats_b, n_subsets=50, subset_size=500, seed=0):
-    """KID: the unbiased squared MMD with kernel k(x, y) = (x.y / D + 1)^3, averaged over random
-    subsets. Returns (mean, std). Unlike FID it has no bias at small n, so numbers at different n
-    compare; the real-vs-real value is about 0.
-    """
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples on each side")
-    rng = np.random.default_rng(seed)
-    d = a.shape[1]
-    vals = []
-    for _ in range(n_subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        off = m * (m - 1)
-        vals.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
-    return float(np.mean(vals)), float(np.std(vals))
-
-
-def nearest_neighbours(samples, train_images):
-    """For each sample, its nearest training sprite (flips included, as the model trains on flips).
-
-    samples: (N, 3, H, W) in [-1, 1]; train_images: uint8 (M, H, W, 3).
-    Returns (index (N,) into train_images, rms distance (N,) in [0, 1] pixel units, flipped (N,) bool).
-    """
-    s = torch.as_tensor(to_display(samples)).reshape(len(samples), -1).double()
-    t = torch.as_tensor(np.asarray(train_images)).double() / 255.0
-    both = torch.cat([t.reshape(len(t), -1), t.flip(2).reshape(len(t), -1)])
-    d2 = torch.cdist(s, both).pow(2) / s.shape[1]
-    best = d2.argmin(1)
-    return (best % len(t)).numpy(), d2.gather(1, best[:, None])[:, 0].sqrt().numpy(), (best >= len(t)).numpy()
-
-
-
-NEAR_COPY_RMS = 0.06  # rms pixel difference (0..1 scale) below which a sample counts as a near-copy
-
-
-def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide_w=0.0, seed=0,
-             batch_size=250, amp_dtype=None, progress=True):
-    """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds)."""
-    from tqdm.auto import tqdm
-
-    labels = torch.as_tensor(labels).long()
-    gen = torch.Generator().manual_seed(seed)
-    out, t0 = [], time.time()
-    for i in tqdm(range(0, len(labels), batch_size), disable=not progress,
-                  desc=f"{sampler}-{n_steps if sampler == 'ddim' else schedule.T} w={guide_w}"):
-        lab = labels[i:i + batch_size]
-        if sampler == "ddpm":
-            x, _ = sample_ddpm(model, len(lab), schedule, lab, guide_w, save_rate=schedule.T, generator=gen,
-                               amp_dtype=amp_dtype)
-        else:
-            x, _ = sample_ddim(model, len(lab), schedule, n_steps, eta, lab, guide_w, gen, amp_dtype=amp_dtype)
-        out.append(x.cpu())
-    return torch.cat(out), time.time() - t0
-
-
-def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed=0, guide_ws=(0, 1, 2, 4),
-             ddim_steps=(10, 25, 50, 100), etas=(0.0, 1.0), per_class=100, guide_steps=25, amp_dtype=None,
-             progress=True, snapshots=None):
-    """All the quality numbers of the shipped model, as a dict (see `python diffusion_utilities.py evaluate`).
-
-    images, labels: the whole sprite set (uint8 (N, 16, 16, 3), (N,)); test_idx: the classifier's
-    held-out sprites. FID and KID compare n samples, made for the class ids of n random real sprites,
-    with n other real sprites; the real-vs-real floor compares two disjoint sets of n real sprites.
-    snapshots: optional {name: model} scored the same way with DDIM-{guide_steps} only (training progress).
-    Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    if 2 * n > len(labels):
-        raise ValueError(f"n={n} is too large: the floor needs two disjoint sets of n real sprites "
-                         f"(at most {len(labels) // 2})")
-    perm = rng.permutation(len(labels))
-    ref_idx, other_idx = perm[:n], perm[n:2 * n]
-    real_ref, _ = classifier_outputs(classifier, to_tensor_images(images[ref_idx]))
-    real_other, _ = classifier_outputs(classifier, to_tensor_images(images[other_idx]))
-    gen_labels = labels[other_idx]  # the same class mix as the real sets
-    res = {"n": n, "seed": seed, "amp_dtype": str(amp_dtype), "near_copy_rms": NEAR_COPY_RMS,
-           "guide_steps": guide_steps}
-    res["floor"] = {"fid": frechet_distance(real_other, real_ref),
-                    "kid": kernel_inception_distance(real_other, real_ref)[0]}
-    _, test_pred = classifier_outputs(classifier, to_tensor_images(images[test_idx]))
-    test_lab = labels[test_idx]
-    res["classifier_test_accuracy"] = {
-        "all": float((test_pred == test_lab).mean()),
-        **{CLASS_NAMES[c]: float((test_pred[test_lab == c] == c).mean()) for c in range(len(CLASS_NAMES))}}
-
-    def score(x):
-        f, pred = classifier_outputs(classifier, x)
-        kid = kernel_inception_distance(f, real_ref)[0]
-        return {"fid": frechet_distance(f, real_ref), "kid": kid, "accuracy": float((pred == gen_labels).mean())}
-
-    samplers = [("ddpm", schedule.T, 1.0, amp_dtype)] + [("ddim", k, e, amp_dtype) for e in etas for k in ddim_steps]
-    if amp_dtype is not None:  # one row in plain fp32, to show that autocast does not change the quality
-        samplers.append(("ddim", guide_steps, 0.0, None))
-    res["samplers"] = []
-    for name, steps, eta, amp in samplers:
-        x, secs = generate(model, schedule, gen_labels, name, steps, eta, 0.0, seed, amp_dtype=amp,
-                           progress=progress)
-        row = {"sampler": name, "steps": steps, "eta": eta, "autocast": str(amp), "s_per_sample": secs / n, **score(x)}
-        res["samplers"].append(row)
-        if name == "ddpm":
-            ddpm_samples = x
-    idx, dist, _ = nearest_neighbours(ddpm_samples, images)
-    res["memorisation"] = {"sampler": "ddpm", "median_rms": float(np.median(dist)),
-                           "near_copy_fraction": float((dist < NEAR_COPY_RMS).mean())}
-    balanced = np.repeat(np.arange(len(CLASS_NAMES)), per_class)
-    res["guidance"] = []
-    for w in guide_ws:
-        x, _ = generate(model, schedule, gen_labels, "ddim", guide_steps, 0.0, w, seed, amp_dtype=amp_dtype,
-                        progress=progress)
-        xb, _ = generate(model, schedule, balanced, "ddim", guide_steps, 0.0, w, seed + 1, amp_dtype=amp_dtype,
-                         progress=progress)
-        _, pred = classifier_outputs(classifier, xb)
-        res["guidance"].append({"guide_w": w, **score(x), "class_accuracy": {
-            CLASS_NAMES[c]: float((pred[balanced == c] == c).mean()) for c in range(len(CLASS_NAMES))},
-            "balanced_accuracy": float((pred == balanced).mean())})
-    res["snapshots"] = {}
-    for name, snap in (snapshots or {}).items():
-        x, _ = generate(snap, schedule, gen_labels, "ddim", guide_steps, 0.0, 0.0, seed, amp_dtype=amp_dtype,
-                        progress=progress)
-        res["snapshots"][name] = score(x)
-    return res, ddpm_samples, idx, dist
-
-
-def metrics_markdown(res, command):
-    """The evaluation dict as the markdown tables written to weights/metrics.md."""
-    fl = res["floor"]
-    lines = [f"# Quality of the shipped sprite model", "",
-             f"Reproduce: `{command}`", "",
-             f"FID and KID: on the 128 penultimate features of the project's SpriteClassifier, n = {res['n']} "
-             f"samples (class mix of the real data, guidance w = 0 unless stated) against n = {res['n']} real "
-             f"sprites. Real-vs-real floor at the same n: **FID {fl['fid']:.2f}**, KID {fl['kid']:.4f}. "
-             f"Network run with autocast dtype {res['amp_dtype']}.", "",
-             "## Samplers", "",
-             "| sampler | steps | eta | autocast | s / sample | sprite-FID | FID / floor | KID | class accuracy |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["samplers"]:
-        lines.append(f"| {r['sampler'].upper()} | {r['steps']} | {r['eta']:g} | {r['autocast']} | {r['s_per_sample']:.4f} | "
-                     f"{r['fid']:.2f} | {r['fid'] / fl['fid']:.1f}x | {r['kid']:.4f} | {r['accuracy']:.1%} |")
-    acc = res["classifier_test_accuracy"]
-    lines += ["", f"## Classifier-free guidance (DDIM-{res['guide_steps']}, eta 0)", "",
-              "Per-class accuracy: the classifier's verdict on " 
-              "samples made for each class (balanced set), beside its accuracy on held-out real sprites.", "",
-              "| guide_w | FID | KID | " + " | ".join(CLASS_NAMES) + " | mean |",
-              "|---" * (4 + len(CLASS_NAMES)) + "|",
-              "| real held-out | – | – | " + " | ".join(f"{acc[c]:.0%}" for c in CLASS_NAMES)
-              + f" | {np.mean([acc[c] for c in CLASS_NAMES]):.0%} |"]
-    for g in res["guidance"]:
-        ca = g["class_accuracy"]
-        lines.append(f"| {g['guide_w']:g} | {g['fid']:.2f} | {g['kid']:.4f} | "
-                     + " | ".join(f"{ca[c]:.0%}" for c in CLASS_NAMES) + f" | {g['balanced_accuracy']:.0%} |")
-    if res.get("snapshots"):
-        lines += ["", f"## Training progress (DDIM-{res['guide_steps']}, eta 0, w = 0)", "",
-                  "| model | sprite-FID | KID | class accuracy |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['fid']:.2f} | {v['kid']:.4f} | {v['accuracy']:.1%} |" for k, v in res["snapshots"].items()]
-    m = res["memorisation"]
-    lines += ["", "## Memorisation (DDPM-500 samples vs their nearest training sprite, flips included)", "",
-              f"Median rms pixel distance {m['median_rms']:.3f} (0..1 scale); near-copies (rms < "
-              f"{res['near_copy_rms']}): {m['near_copy_fraction']:.1%}. Pairs: `memorisation.png`.", ""]
-    return "\n".join(lines)
-
-
-def memorisation_figure(samples, dist, neighbour_idx, images, path, n_pairs=16):
-    """A PNG of sample / nearest-training-sprite pairs: the closest half, then random ones."""
-    order = np.argsort(dist)
-    rng = np.random.default_rng(0)
-    pick = np.concatenate([order[:n_pairs // 2], rng.choice(order[n_pairs // 2:], n_pairs - n_pairs // 2, False)])
-    pairs = torch.stack([torch.stack([samples[i], to_tensor_images(images[neighbour_idx[i]][None])[0]])
-                         for i in pick])  # (n_pairs, 2, 3, H, W)
-    grid = pairs.permute(1, 0, 2, 3, 4).reshape(-1, *samples.shape[1:])  # row 1 samples, row 2 neighbours
-    return save_grid_png(grid, path, nrow=n_pairs, scale=4)
-
-
-# ---------------------------------------------------------------------------------------------
-# 10. Command line
-# ---------------------------------------------------------------------------------------------
-
-def _cmd_train(args):
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         warmup=args.warmup, drop_prob=args.drop_prob, ema_decay=args.ema_decay,
-                         ema_warmup=args.ema_warmup, n_feat=args.n_feat, norm=args.norm,
-                         prediction=args.prediction, zero_init=args.zero_init, snr_gamma=args.snr_gamma or None,
-                         t_sampling=args.t_sampling, input_perturbation=args.input_perturbation,
-                         jitter=args.jitter, class_balance=args.class_balance,
-                         snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    history = train(config, args.out, data_path=args.data, resume=args.resume, minutes=args.minutes,
-                    device=args.device)
-    print(f"{len(history)} of {config.steps} steps done; last-200 mean loss "
-          f"{np.mean(history[-200:]):.4f}; this run took {(time.time() - t0) / 60:.1f} min; files in {args.out}")
-
-
-def _cmd_sample(args):
-    classes = [_class_id(c) for c in args.classes]
-    device = torch.device(args.device) if args.device else get_device()
-    model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
-    schedule = make_schedule(500)
-    labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.sampler == "ddpm":
-        x, frames = sample_ddpm(model, len(labels), schedule, labels, args.guide_w, generator=gen, progress=True)
-    else:
-        x, frames = sample_ddim(model, len(labels), schedule, args.steps, args.eta, labels, args.guide_w, gen,
-                                progress=True)
-    save_grid_png(x, args.out, nrow=args.per_class)
-    print(f"wrote {args.out}")
-    if args.gif:
-        save_gif(plot_sample(frames, nrow=args.per_class), args.gif)
-        print(f"wrote {args.gif}")
-
-
-def _class_id(name):
-    if name.isdigit() and int(name) < len(CLASS_NAMES):
-        return int(name)
-    if name not in CLASS_NAMES:
-        raise SystemExit(f"unknown class {name!r}; choose from {', '.join(CLASS_NAMES)} (or 0..4)")
-    return CLASS_NAMES.index(name)
-
-
-def _destination(path, to_weights, command):
-    """Where a command writes: path, or weights/ with --to-weights; a path inside weights/ needs the flag."""
-    if to_weights:
-        return WEIGHTS_DIR
-    path = Path(path).resolve()
-    if path == WEIGHTS_DIR or WEIGHTS_DIR in path.parents:
-        raise SystemExit(f"{command}: {path} is inside the shipped weights/; pass --to-weights to replace "
-                         "what ships, or choose another folder")
-    return path
-
-
-def _cmd_export(args):
-    """Copy a finished run's EMA weights and snapshots into weights/ and record them in the manifest."""
-    run, wdir = Path(args.run), _destination(args.weights_dir, args.to_weights, "export")
-    hist = json.loads((run / "history.json").read_text())
-    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    cfg = ck["config"]
-    if ck["step"] < cfg["steps"]:
-        raise SystemExit(f"export: {run} stopped at step {ck['step']} of {cfg['steps']}; finish it first with "
-                         f"`python diffusion_utilities.py train --out {run} --resume` (and the same settings)")
-    made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
-            "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"),
-            "args": {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}}
-    wdir.mkdir(parents=True, exist_ok=True)
-    loss = np.asarray(hist["loss"])
-    k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
-    curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
-    (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
-    save_atomic(load_state(run / "checkpoint.pt"), wdir / f"{args.name}.pt")
-    minutes = args.train_minutes
-    if minutes is None and "train_seconds" in ck:
-        minutes = round(ck["train_seconds"] / 60, 1)
-    add_to_manifest(args.name, f"{args.name}.pt", weights_dir=wdir, step=ck["step"],
-                    train_minutes=minutes, **made)
-    for snap in sorted(run.glob("snap_*.pt")):
-        step = int(snap.stem.split("_")[1])
-        name = f"{args.name}_step{step:06d}"
-        save_atomic(torch.load(snap, map_location="cpu", weights_only=True), wdir / f"{name}.pt")
-        add_to_manifest(name, f"{name}.pt", weights_dir=wdir, step=step,
-                        note="EMA snapshot during the same run (fp16)", **made)
-    print(f"exported {args.name} (step {ck['step']}) and {len(list(run.glob('snap_*.pt')))} snapshots to {wdir}")
-
-
-def _cmd_train_classifier(args):
-    images, labels, _ = load_sprites(args.data)
-    train_idx, test_idx = split_indices(labels, seed=args.seed)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
-    clf = train_classifier(images[train_idx], labels[train_idx], epochs=args.epochs, seed=args.seed)
-    _, pred = classifier_outputs(clf, to_tensor_images(images[test_idx]))
-    acc = float((pred == labels[test_idx]).mean())
-    out = WEIGHTS_DIR / "classifier.pt" if args.to_weights else Path(args.out)
-    save_atomic(clf.state_dict(), out)
-    if args.to_weights:
-        add_to_manifest("classifier", "classifier.pt", "classifier", args={"n_classes": 5}, seed=args.seed,
-                        command="python diffusion_utilities.py " + " ".join(args.argv),
-                        train_minutes=round((time.time() - t0) / 60, 1), hardware=describe_device("cpu"),
-                        metrics={"held_out_accuracy": round(acc, 3), "held_out_n": len(test_idx),
-                                 "split": f"split_indices(labels, 0.15, seed={args.seed})"})
-    print(f"wrote {out}: held-out accuracy {acc:.1%} on {len(test_idx)} sprites, "
-          f"{time.time() - t0:.0f} s")
-
-
-def _cmd_evaluate(args):
-    out = _destination(args.out, args.to_weights, "evaluate")
-    if args.to_weights and args.weights:
-        raise SystemExit("evaluate: --to-weights records a shipped model's numbers; use --model NAME, not --weights")
-    device = torch.device(args.device) if args.device else get_device()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
-    classifier = load_pretrained("classifier", device)
-    images, labels, _ = load_sprites(args.data)
-    _, test_idx = split_indices(labels, seed=0)
-    amp_dtype = fast_settings(device)[0] if args.fast else None
-    snapshots = {name: load_pretrained(name, device) for name in args.snapshots}
-    res, samples, nn_idx, dist = evaluate(model, classifier, make_schedule(500), images, labels, test_idx,
-                                          n=args.n, seed=args.seed, amp_dtype=amp_dtype,
-                                          ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
-                                          per_class=args.per_class, snapshots=snapshots)
-    res["hardware"] = describe_device(device)
-    command = "python diffusion_utilities.py " + " ".join(args.argv)
-    res["command"] = command
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(res, indent=2))
-    (out / "metrics.md").write_text(metrics_markdown(res, command.strip()))
-    memorisation_figure(samples, dist, nn_idx, images, out / "memorisation.png")
-    if args.to_weights:
-        _record_metrics(res, args.model)
-    print((out / "metrics.md").read_text())
-
-
-def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
-    """Write the headline numbers of an evaluation beside each evaluated file in the manifest."""
-    manifest = read_manifest(weights_dir)
-    ddpm = res["samplers"][0]
-    headline = {"n": res["n"], "fid_floor": res["floor"]["fid"], "fid_ddpm500": ddpm["fid"], "kid_ddpm500": ddpm["kid"],
-                "tables": "metrics.md"}
-    ddim = next((r for r in res["samplers"] if r["sampler"] == "ddim" and r["steps"] == res["guide_steps"]
-                 and r["eta"] == 0), None)
-    if ddim is not None:
-        headline.update(fid_ddim25=ddim["fid"], kid_ddim25=ddim["kid"], accuracy_ddim25=ddim["accuracy"])
-    if res["guidance"]:
-        best = max(res["guidance"], key=lambda g: g["balanced_accuracy"])
-        headline.update(guided_accuracy=best["balanced_accuracy"], at_guide_w=best["guide_w"])
-    metrics = {model_name: headline}
-    metrics.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"], "accuracy_ddim25": v["accuracy"]}
-                    for k, v in res["snapshots"].items()})
-    for name, m in metrics.items():
-        entry = {k: v for k, v in manifest[name].items() if k not in ("file", "sha256", "kind")}
-        add_to_manifest(name, manifest[name]["file"], manifest[name]["kind"], weights_dir, **{**entry, "metrics": m})
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python diffusion_utilities.py",
-                                 description="Train, sample from and evaluate the course's sprite diffusion model.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    tr = sub.add_parser("train", help="train a ContextUnet on the sprites (resumable)",
-                        description="Train a conditional ContextUnet (context dropout, EMA, warm-up + cosine "
-                                    "learning rate) on data/sprites16.npz. Writes checkpoint.pt, history.json, "
-                                    "ema.pt and snapshots to --out.")
-    tr.add_argument("--out", default="runs/sprites", help="output folder (default runs/sprites)")
-    tr.add_argument("--steps", type=int, default=3300, help="total optimiser steps; sets the LR schedule")
-    tr.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (resume later)")
-    tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    tr.add_argument("--batch-size", type=int, default=128)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--drop-prob", type=float, default=0.1, help="probability of training on the zero context")
-    tr.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
-    tr.add_argument("--ema-decay", type=float, default=0.999)
-    tr.add_argument("--ema-warmup", type=int, default=10, help="EMA decay ramps as (1 + n) / (this + n)")
-    tr.add_argument("--n-feat", type=int, default=64)
-    tr.add_argument("--norm", choices=["batch", "group"], default="batch")
-    tr.add_argument("--prediction", choices=["eps", "v"], default="v", help="what the network predicts")
-    tr.add_argument("--zero-init", action="store_true", help="start the output conv at zero")
-    tr.add_argument("--snr-gamma", type=float, default=5.0,
-                    help="Min-SNR-gamma loss weighting; 0 turns it off (plain MSE)")
-    tr.add_argument("--t-sampling", choices=["uniform", "lognormal"], default="uniform")
-    tr.add_argument("--input-perturbation", type=float, default=0.0)
-    tr.add_argument("--jitter", type=float, default=0.0, help="colour jitter strength, 0 = off")
-    tr.add_argument("--class-balance", type=float, default=0.5,
-                    help="draw class c with probability ~ n_c**this (1 = as in the data, 0 = balanced)")
-    tr.add_argument("--snapshots", type=int, nargs="*", default=[], help="steps at which to save EMA snapshots")
-    tr.add_argument("--checkpoint-every", type=int, default=500)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    tr.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
-    tr.add_argument("--data", default=str(DATA_FILE))
-    tr.set_defaults(func=_cmd_train)
-
-    sa = sub.add_parser("sample", help="write a PNG grid (and optionally a GIF) of samples",
-                        description="Sample sprites for chosen classes; one row per class.")
-    sa.add_argument("--out", default="outputs/samples.png")
-    sa.add_argument("--gif", default=None, help="also write the denoising animation here")
-    sa.add_argument("--classes", nargs="+", default=CLASS_NAMES, help="class names or ids, one row block each")
-    sa.add_argument("--per-class", type=int, default=8)
-    sa.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    sa.add_argument("--steps", type=int, default=25, help="DDIM steps (1..500)")
-    sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    sa.add_argument("--guide-w", type=float, default=2.0, help="classifier-free guidance weight")
-    sa.add_argument("--model", default="sprites", help="name in weights/manifest.json")
-    sa.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--device", default=None)
-    sa.set_defaults(func=_cmd_sample)
-
-    ex = sub.add_parser("export", help="copy a finished run's EMA weights and snapshots beside a manifest",
-                        description="Copy --run's EMA weights (fp32) and snapshots (fp16) into --weights-dir, with "
-                                    "sha256, config, hardware and training time in its manifest.json. Only "
-                                    "--to-weights touches the shipped weights/.")
-    ex.add_argument("--run", default="runs/sprites")
-    ex.add_argument("--name", default="sprites")
-    ex.add_argument("--command", default=None, help="the training command to record")
-    ex.add_argument("--weights-dir", default="outputs/export",
-                    help="where to write the files and their manifest (default outputs/export)")
-    ex.add_argument("--to-weights", action="store_true",
-                    help="write into the course's weights/ instead, replacing what ships")
-    ex.add_argument("--train-minutes", type=float, default=None, help="wall-clock training time to record "
-                    "(default: as measured in the checkpoint)")
-    ex.set_defaults(func=_cmd_export)
-
-    tc = sub.add_parser("train-classifier", help="train the SpriteClassifier the metrics use",
-                        description="Train the small sprite classifier on a stratified 85%% split.")
-    tc.add_argument("--out", default="runs/classifier.pt")
-    tc.add_argument("--to-weights", action="store_true",
-                    help="replace the shipped weights/classifier.pt and its manifest entry")
-    tc.add_argument("--epochs", type=int, default=30)
-    tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--data", default=str(DATA_FILE))
-    tc.set_defaults(func=_cmd_train_classifier)
-
-    ev = sub.add_parser("evaluate", help="write the quality tables (sprite-FID, KID, accuracy, memorisation)",
-                        description="Measure a sprite model: sprite-FID and KID against the real-vs-real floor, "
-                                    "a sampler table, class accuracy under guidance, and memorisation. Writes "
-                                    "metrics.json, metrics.md and memorisation.png to --out.")
-    ev.add_argument("--out", default="outputs/evaluation", help="folder for the tables (default outputs/evaluation)")
-    ev.add_argument("--to-weights", action="store_true",
-                    help="write the tables into weights/ and the headline numbers into its manifest")
-    ev.add_argument("--n", type=int, default=1000, help="samples per FID/KID (and real sprites per side)")
-    ev.add_argument("--per-class", type=int, default=100, help="samples per class for guided accuracy")
-    ev.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 25, 50, 100])
-    ev.add_argument("--guide-ws", type=float, nargs="+", default=[0, 1, 2, 4])
-    ev.add_argument("--model", default="sprites")
-    ev.add_argument("--snapshots", nargs="*", default=[], help="more manifest names to score with DDIM-25 only")
-    ev.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
-    ev.add_argument("--fast", action="store_true", help="bf16 autocast for the network where the CPU has it")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--threads", type=int, default=None)
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--data", default=str(DATA_FILE))
-    ev.set_defaults(func=_cmd_evaluate)
-
-    args = ap.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    args.func(args)
-
-
 if __name__ == "__main__":
+    # The command line lives in course_tools; this keeps `python diffusion_utilities.py <command>` working.
+    from course_tools.cli import main
+
     main()

@@ -296,7 +296,7 @@ def main():
     ours_sampler = du.ContextUnet(n_feat=N_FEAT).eval()
     course.eval()
     reps = 1 if args.quick else 3
-    ddim_ours = statistics.median(time_it(lambda: du.sample_ddim(ours_sampler, n, schedule, 25, amp_dtype=amp), reps))
+    ddim_ours = statistics.median(time_it(lambda: du.sample_ddim(ours_sampler, n, schedule, n_steps=25, amp_dtype=amp), reps))
     ddim_course = statistics.median(time_it(lambda: course_sample(course, n, schedule, n_ddim=25), reps))
     if args.quick:  # time 50 of the 500 steps and scale up
         short = du.make_schedule(50)

@@ -19,15 +19,16 @@ for name in "$@"; do
   i=$((i + 1))
 done
 wait
-"$py" - "$out" "$minutes" <<'EOF'
-import json, sys
+"$py" - "$out" "$minutes" "$@" <<'EOF'
+import json, shlex, sys
 from pathlib import Path
-out, minutes = Path(sys.argv[1]), float(sys.argv[2])
+out, minutes, names = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 rows, meta = [], {}
 for part in sorted((out / "parts").glob("*.json"), key=lambda p: int(p.stem)):
     d = json.loads(part.read_text())
     rows += d["rows"]
-    meta = {k: v for k, v in d.items() if k != "rows"}
+    meta = {k: v for k, v in d.items() if k not in ("rows", "commands")}
+meta["command"] = f"MINUTES={minutes:g} bash benchmarks/gpu_replay.sh " + shlex.join(names)
 meta["note"] = f"GPU replay: each recipe trained the steps a 2-core CPU reaches in {minutes:g} min"
 (out / "gpu_replay.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
 logs = "".join(f"== {p.name}\n{p.read_text()[-3000:]}\n" for p in sorted((out / "parts").glob("*.log")))

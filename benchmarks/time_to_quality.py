@@ -22,8 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import diffusion_utilities as du  # noqa: E402
 from training_recipes import real_features, score  # noqa: E402
+
+import course_tools.manifest as cman  # noqa: E402
+import diffusion_utilities as du  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "time_to_quality.json"
 
@@ -42,7 +44,7 @@ def points_from_run(run):
 
 
 def points_from_manifest(names, pace):
-    manifest = du.read_manifest()
+    manifest = cman.read_manifest()
     return [(manifest[n]["step"] * pace, manifest[n]["step"], du.WEIGHTS_DIR / manifest[n]["file"],
              manifest[n].get("args", {})) for n in names]
 

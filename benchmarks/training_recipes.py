@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import course_tools.metrics as cm  # noqa: E402
 import diffusion_utilities as du  # noqa: E402
 
 # The base of the single-change study: the best short recipe of shared/reference/training.md.
@@ -111,14 +112,14 @@ def score(model, classifier, real_ref, labels_mix, *, per_class=40, n_fid=500, s
     """Guided per-class accuracy (w = 2) and sprite-FID (w = 0), both DDIM-25 eta 0."""
     schedule = du.make_schedule(500)
     classes = np.repeat(np.arange(5), per_class)
-    x, _ = du.generate(model, schedule, classes, "ddim", 25, 0.0, 2.0, seed, amp_dtype=amp_dtype, progress=False)
-    _, pred = du.classifier_outputs(classifier, x)
+    x, _ = cm.generate(model, schedule, classes, "ddim", 25, 0.0, 2.0, seed, amp_dtype=amp_dtype, progress=False)
+    _, pred = cm.classifier_outputs(classifier, x)
     per = {du.CLASS_NAMES[c]: float((pred[classes == c] == c).mean()) for c in range(5)}
-    x, _ = du.generate(model, schedule, labels_mix[:n_fid], "ddim", 25, 0.0, 0.0, seed + 1, amp_dtype=amp_dtype,
+    x, _ = cm.generate(model, schedule, labels_mix[:n_fid], "ddim", 25, 0.0, 0.0, seed + 1, amp_dtype=amp_dtype,
                        progress=False)
-    feats, _ = du.classifier_outputs(classifier, x)
+    feats, _ = cm.classifier_outputs(classifier, x)
     return {"guided_accuracy": float(np.mean(list(per.values()))), "per_class": per,
-            "fid": du.frechet_distance(feats, real_ref)}
+            "fid": cm.frechet_distance(feats, real_ref)}
 
 
 def run(name, overrides, seconds, device, classifier, real, steps=None, snapshots=(), out=None):
@@ -157,9 +158,9 @@ def real_features(classifier, device, n=500, seed=0):
     images, labels, _ = du.load_sprites()
     perm = np.random.default_rng(seed).permutation(len(labels))
     ref, other = perm[:n], perm[n:2 * n]
-    f_ref, _ = du.classifier_outputs(classifier, du.to_tensor_images(images[ref]))
-    f_other, _ = du.classifier_outputs(classifier, du.to_tensor_images(images[other]))
-    return {"ref": f_ref, "mix": labels[other], "floor": du.frechet_distance(f_other, f_ref)}
+    f_ref, _ = cm.classifier_outputs(classifier, du.to_tensor_images(images[ref]))
+    f_other, _ = cm.classifier_outputs(classifier, du.to_tensor_images(images[other]))
+    return {"ref": f_ref, "mix": labels[other], "floor": cm.frechet_distance(f_other, f_ref)}
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.animation import FuncAnimation  # noqa: E402
 
-import diffusion_utilities as du  # noqa: E402
+import course_tools.metrics as cm  # noqa: E402
+import diffusion_utilities as du
 
 
 def test_frechet_distance_closed_form():
@@ -16,17 +17,17 @@ def test_frechet_distance_closed_form():
     rng = np.random.default_rng(0)
     a = rng.normal(0.0, 1.0, (200000, 3))
     b = rng.normal(0.5, 2.0, (200000, 3))
-    assert du.frechet_distance(a, b) == pytest.approx(3 * 0.25 + 3 * 1.0, rel=0.02)
-    assert du.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert cm.frechet_distance(a, b) == pytest.approx(3 * 0.25 + 3 * 1.0, rel=0.02)
+    assert cm.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="same D"):
-        du.frechet_distance(a, b[:, :2])
+        cm.frechet_distance(a, b[:, :2])
 
 
 def test_kid_zero_for_same_distribution_and_positive_for_shift():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(600, 8)), rng.normal(size=(600, 8))
-    same, _ = du.kernel_inception_distance(a, b, n_subsets=20, subset_size=300)
-    shifted, _ = du.kernel_inception_distance(a, b + 1.0, n_subsets=20, subset_size=300)
+    same, _ = cm.kernel_inception_distance(a, b, n_subsets=20, subset_size=300)
+    shifted, _ = cm.kernel_inception_distance(a, b + 1.0, n_subsets=20, subset_size=300)
     assert abs(same) < 0.01 and shifted > 0.1
 
 
@@ -35,13 +36,13 @@ def test_nearest_neighbours_finds_copies_and_mirrors():
     train = images[:50]
     x = du.to_tensor_images(train[[3, 7]])
     x[1] = x[1].flip(-1)
-    idx, dist, flipped = du.nearest_neighbours(x, train)
+    idx, dist, flipped = cm.nearest_neighbours(x, train)
     assert idx.tolist() == [3, 7] and np.allclose(dist, 0, atol=1e-6) and flipped.tolist() == [False, True]
 
 
 def test_split_is_stratified_and_disjoint():
     _, labels, _ = du.load_sprites()
-    tr, te = du.split_indices(labels, 0.15, seed=0)
+    tr, te = cm.split_indices(labels, 0.15, seed=0)
     assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == len(labels)
     for c in range(5):
         assert np.mean(labels[te] == c) == pytest.approx(np.mean(labels == c), abs=0.01)
@@ -51,21 +52,21 @@ def test_evaluate_small_n(tmp_path):
     torch.manual_seed(0)
     images, labels, _ = du.load_sprites()
     model = du.ContextUnet(n_feat=8).eval()
-    clf = du.SpriteClassifier().eval()
-    res, samples, idx, dist = du.evaluate(model, clf, du.make_schedule(10), images, labels, np.arange(0, 2718, 50),
+    clf = cm.SpriteClassifier().eval()
+    res, samples, idx, dist = cm.evaluate(model, clf, du.make_schedule(10), images, labels, np.arange(0, 2718, 50),
                                           n=12, ddim_steps=(2,), etas=(0.0,), guide_ws=(0, 1), per_class=2, guide_steps=2,
                                           progress=False, snapshots={"early": du.ContextUnet(n_feat=8).eval()})
     assert [r["sampler"] for r in res["samplers"]] == ["ddpm", "ddim"]
     assert res["floor"]["fid"] >= 0 and all(np.isfinite(r["fid"]) for r in res["samplers"])
     assert len(res["guidance"]) == 2 and set(res["guidance"][0]["class_accuracy"]) == set(du.CLASS_NAMES)
     assert samples.shape == (12, 3, 16, 16) and idx.shape == dist.shape == (12,)
-    md = du.metrics_markdown(res, "python diffusion_utilities.py evaluate --n 12")
+    md = cm.metrics_markdown(res, "python diffusion_utilities.py evaluate --n 12")
     assert "| DDPM | 10 |" in md and "--n 12" in md and "| early |" in md
     assert set(res["snapshots"]["early"]) == {"fid", "kid", "accuracy"}
-    png = du.memorisation_figure(samples, dist, idx, images, tmp_path / "mem.png", n_pairs=4)
+    png = cm.memorisation_figure(samples, dist, idx, images, tmp_path / "mem.png", n_pairs=4)
     assert png.exists()
     with pytest.raises(ValueError, match="too large"):
-        du.evaluate(model, clf, du.make_schedule(10), images, labels, np.arange(5), n=2000)
+        cm.evaluate(model, clf, du.make_schedule(10), images, labels, np.arange(5), n=2000)
 
 
 def test_to_display_is_faithful():

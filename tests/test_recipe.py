@@ -3,9 +3,9 @@ GroupNorm and a zero-initialised output, each against an independent formula."""
 import numpy as np
 import pytest
 import torch
+from conftest import OracleUnet
 
 import diffusion_utilities as du
-from conftest import OracleUnet
 
 
 class VOracle(OracleUnet):

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import OracleUnet
 
 import diffusion_utilities as du
-from conftest import OracleUnet
 
 
 def test_ddpm_step_known_numbers(schedule):
@@ -97,17 +97,17 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     b, _ = du.sample_ddpm(tiny_model, 4, s, context=torch.tensor([0, 1, 2, 3]), generator=torch.Generator().manual_seed(7))
     c, _ = du.sample_ddpm(tiny_model, 4, s, context=torch.tensor([0, 1, 2, 3]), generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    d, _ = du.sample_ddim(tiny_model, 4, s, 5, eta=1.0, generator=torch.Generator().manual_seed(7))
-    e, _ = du.sample_ddim(tiny_model, 4, s, 5, eta=1.0, generator=torch.Generator().manual_seed(7))
+    d, _ = du.sample_ddim(tiny_model, 4, s, n_steps=5, eta=1.0, generator=torch.Generator().manual_seed(7))
+    e, _ = du.sample_ddim(tiny_model, 4, s, n_steps=5, eta=1.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(d, e)
 
 
 def test_ddim_eta0_is_deterministic_given_start(tiny_model):
     # Same starting noise, eta = 0: the same images, even with the global RNG moved on.
     s = du.make_schedule(20)
-    a, _ = du.sample_ddim(tiny_model, 3, s, 4, generator=torch.Generator().manual_seed(3))
+    a, _ = du.sample_ddim(tiny_model, 3, s, n_steps=4, generator=torch.Generator().manual_seed(3))
     torch.randn(100)
-    b, _ = du.sample_ddim(tiny_model, 3, s, 4, generator=torch.Generator().manual_seed(3))
+    b, _ = du.sample_ddim(tiny_model, 3, s, n_steps=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 
@@ -144,8 +144,8 @@ def test_classifier_free_guidance_formula(schedule):
 def test_guidance_changes_samples_and_mode_is_restored(tiny_model):
     s = du.make_schedule(10)
     tiny_model.train()
-    a, _ = du.sample_ddim(tiny_model, 2, s, 3, context=torch.tensor([0, 4]), generator=torch.Generator().manual_seed(0))
-    b, _ = du.sample_ddim(tiny_model, 2, s, 3, context=torch.tensor([0, 4]), guide_w=2.0,
+    a, _ = du.sample_ddim(tiny_model, 2, s, n_steps=3, context=torch.tensor([0, 4]), generator=torch.Generator().manual_seed(0))
+    b, _ = du.sample_ddim(tiny_model, 2, s, n_steps=3, context=torch.tensor([0, 4]), guide_w=2.0,
                           generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, b)
     assert tiny_model.training  # sampling ran in eval mode and put the mode back

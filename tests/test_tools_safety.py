@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+import course_tools.cli as cli
+import course_tools.manifest as cman
 import diffusion_utilities as du
-from test_training import _tiny_npz
 
 
 def _shipped_state():
@@ -16,8 +17,8 @@ def _shipped_state():
 
 
 @pytest.fixture
-def finished_run(tmp_path):
-    data = _tiny_npz(tmp_path)
+def finished_run(tiny_npz, tmp_path):
+    data = tiny_npz
     cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1)
     du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
     return tmp_path / "run", data
@@ -30,7 +31,7 @@ def test_export_and_evaluate_refuse_weights_without_the_flag(finished_run, tmp_p
                  ["export", "--run", str(run), "--weights-dir", str(du.WEIGHTS_DIR / "sub")],
                  ["evaluate", "--out", str(du.WEIGHTS_DIR), "--n", "4"]):
         with pytest.raises(SystemExit, match="--to-weights"):
-            du.main(argv)
+            cli.main(argv)
     assert _shipped_state() == before
 
 
@@ -38,23 +39,23 @@ def test_export_default_goes_to_outputs(finished_run, tmp_path, monkeypatch):
     run, _ = finished_run
     monkeypatch.chdir(tmp_path)
     before = _shipped_state()
-    du.main(["export", "--run", str(run), "--name", "tiny"])
+    cli.main(["export", "--run", str(run), "--name", "tiny"])
     assert (tmp_path / "outputs" / "export" / "tiny.pt").exists()
-    assert "tiny" in du.read_manifest(tmp_path / "outputs" / "export")
+    assert "tiny" in cman.read_manifest(tmp_path / "outputs" / "export")
     assert _shipped_state() == before
 
 
-def test_export_refuses_an_unfinished_run(tmp_path):
-    data = _tiny_npz(tmp_path)
+def test_export_refuses_an_unfinished_run(tiny_npz, tmp_path):
+    data = tiny_npz
     cfg = du.TrainConfig(steps=6, batch_size=4, n_feat=8, warmup=1)
     du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu", stop_at=2)
     with pytest.raises(SystemExit, match="stopped at step 2 of 6"):
-        du.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(tmp_path / "w")])
+        cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
 
 
-def test_second_training_on_one_folder_fails_at_once(tmp_path):
-    data = _tiny_npz(tmp_path)
+def test_second_training_on_one_folder_fails_at_once(tiny_npz, tmp_path):
+    data = tiny_npz
     # another live process holds the folder
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import course_tools.cli as cli
 import diffusion_utilities as du
 
 
@@ -68,16 +69,8 @@ def test_ema_tracks_weights():
     assert torch.allclose(ema.model.weight, d * before + (1 - d) * 1.0)
 
 
-def _tiny_npz(tmp_path):
-    with np.load(du.DATA_FILE) as d:
-        idx = np.r_[0:40, 900:940, 1715:1735, 1800:1840, 2200:2240]
-        path = tmp_path / "tiny.npz"
-        np.savez(path, **{k: d[k][idx] if d[k].shape[0] == 2718 else d[k] for k in d.files})
-    return path
-
-
-def test_resume_reaches_the_same_state(tmp_path):
-    data = _tiny_npz(tmp_path)
+def test_resume_reaches_the_same_state(tiny_npz, tmp_path):
+    data = tiny_npz
     cfg = du.TrainConfig(steps=6, batch_size=8, n_feat=8, warmup=2, checkpoint_every=100, snapshot_steps=[2])
     whole = du.train(cfg, tmp_path / "whole", data_path=data, progress=False, device="cpu")
     du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", stop_at=3)
@@ -94,13 +87,13 @@ def test_resume_reaches_the_same_state(tmp_path):
     assert isinstance(du.load_model(tmp_path / "split" / "checkpoint.pt", "cpu", n_feat=8), du.ContextUnet)
 
 
-def test_resume_refuses_other_config_or_missing_checkpoint(tmp_path):
-    data = _tiny_npz(tmp_path)
+def test_resume_refuses_other_config_or_missing_checkpoint(tiny_npz, tmp_path):
+    data = tiny_npz
     cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu", resume=True)
     du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="other settings: batch_size=4 in the checkpoint, now 5"):
         du.train(du.TrainConfig(steps=2, batch_size=5, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
                  progress=False, device="cpu", resume=True)
     # a different length is allowed: train longer
@@ -127,14 +120,14 @@ def test_save_atomic_never_leaves_a_broken_file(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
 
 
-def test_cli_train_then_resume(tmp_path):
-    data = str(_tiny_npz(tmp_path))
+def test_cli_train_then_resume(tiny_npz, tmp_path):
+    data = str(tiny_npz)
     out = str(tmp_path / "cli")
     common = ["train", "--out", out, "--steps", "4", "--batch-size", "4", "--n-feat", "8", "--data", data,
               "--device", "cpu", "--checkpoint-every", "2"]
-    du.main(common + ["--minutes", "0"])  # stops after the first step, with a checkpoint
+    cli.main(common + ["--minutes", "0"])  # stops after the first step, with a checkpoint
     ck = torch.load(tmp_path / "cli" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 1
-    du.main(common + ["--resume"])
+    cli.main(common + ["--resume"])
     assert torch.load(tmp_path / "cli" / "checkpoint.pt", weights_only=True)["step"] == 4
     assert (tmp_path / "cli" / "ema.pt").exists()

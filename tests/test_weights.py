@@ -1,9 +1,10 @@
 """Devices, safe weight loading, the manifest check, and the shipped weights."""
-import json
 
 import pytest
 import torch
 
+import course_tools.cli as cli
+import course_tools.manifest as cman
 import diffusion_utilities as du
 
 
@@ -11,7 +12,7 @@ def _tiny_weights(tmp_path):
     torch.manual_seed(0)
     model = du.ContextUnet(n_feat=8)
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
-    du.add_to_manifest("tiny", "tiny.pt", weights_dir=tmp_path, args={"n_feat": 8}, seed=0)
+    cman.add_to_manifest("tiny", "tiny.pt", weights_dir=tmp_path, args={"n_feat": 8}, seed=0)
     return model
 
 
@@ -25,18 +26,17 @@ def test_device_helper_prefers_cuda_then_mps_then_cpu(monkeypatch):
     assert du.get_device() == torch.device("cuda")
 
 
-def test_export_run_then_load_and_record_metrics(tmp_path):
-    from test_training import _tiny_npz
-
-    data = _tiny_npz(tmp_path)
+def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
+    data = tiny_npz
     cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
     du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
     wdir = tmp_path / "w"
-    du.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--name", "tiny"])
-    manifest = du.read_manifest(wdir)
+    cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--name", "tiny"])
+    manifest = cman.read_manifest(wdir)
     assert set(manifest) == {"tiny", "tiny_step000002"}
     assert manifest["tiny"]["step"] == 3 and manifest["tiny"]["train_minutes"] >= 0
-    assert manifest["tiny"]["args"] == {"n_feat": 8, "norm": "batch", "prediction": "v"} and "train --steps 3 --seed 0" in manifest["tiny"]["command"]
+    assert manifest["tiny"]["args"] == {"n_feat": 8, "norm": "batch", "prediction": "v"}
+    assert "train --steps 3 --seed 0" in manifest["tiny"]["command"]
     ema, _ = du.read_weights(tmp_path / "run" / "ema.pt")
     loaded = du.load_pretrained("tiny", "cpu", weights_dir=wdir).state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
@@ -44,8 +44,8 @@ def test_export_run_then_load_and_record_metrics(tmp_path):
     res = {"n": 10, "floor": {"fid": 0.5}, "guide_steps": 25, "guidance": [], "snapshots": {
         "tiny_step000002": {"fid": 9.0, "kid": 0.1, "accuracy": 0.2}},
         "samplers": [{"sampler": "ddpm", "steps": 500, "eta": 1.0, "fid": 1.0, "kid": 0.01, "accuracy": 0.9}]}
-    du._record_metrics(res, "tiny", wdir)
-    manifest = du.read_manifest(wdir)
+    cli._record_metrics(res, "tiny", wdir)
+    manifest = cman.read_manifest(wdir)
     assert manifest["tiny"]["metrics"]["fid_ddpm500"] == 1.0
     assert manifest["tiny_step000002"]["metrics"]["fid_ddim25"] == 9.0
     du.load_pretrained("tiny", "cpu", weights_dir=wdir)  # the sha256 still matches after the update
@@ -88,7 +88,7 @@ def test_weights_only_loading_refuses_pickled_code(tmp_path):
 
 
 def test_shipped_weights_load_on_cpu():
-    manifest = du.read_manifest()
+    manifest = cman.read_manifest()
     assert "sprites" in manifest and "classifier" in manifest
     for entry in manifest.values():  # every file says how it was made
         assert {"file", "sha256", "kind", "command", "seed", "hardware", "metrics"} <= set(entry)
@@ -105,11 +105,11 @@ def test_cli_sample_writes_png(tmp_path):
     torch.manual_seed(0)
     torch.save(du.ContextUnet().state_dict(), tmp_path / "w.pt")
     out = tmp_path / "grid.png"
-    du.main(["sample", "--weights", str(tmp_path / "w.pt"), "--out", str(out), "--steps", "2", "--per-class", "2",
+    cli.main(["sample", "--weights", str(tmp_path / "w.pt"), "--out", str(out), "--steps", "2", "--per-class", "2",
              "--classes", "hero", "food", "--gif", str(tmp_path / "g.gif"), "--device", "cpu"])
     from PIL import Image
     img = Image.open(out)
     assert img.size == ((2 * 17 + 1) * 4, (2 * 17 + 1) * 4)
     assert Image.open(tmp_path / "g.gif").n_frames == 3
     with pytest.raises(SystemExit, match="unknown class"):
-        du.main(["sample", "--weights", str(tmp_path / "w.pt"), "--classes", "dragon"])
+        cli.main(["sample", "--weights", str(tmp_path / "w.pt"), "--classes", "dragon"])

@@ -1,0 +1,9 @@
+"""Tooling around the course that no lesson reads: quality metrics, the weights manifest and the command line.
+
+    course_tools.metrics   SpriteClassifier, sprite-FID / KID, memorisation, the evaluation tables
+    course_tools.manifest  weights/manifest.json: sha256, how each file was made, its headline numbers
+    course_tools.cli       `python diffusion_utilities.py train|sample|export|train-classifier|evaluate`
+
+It imports diffusion_utilities (the course) and is never imported by it, except lazily by
+`load_pretrained`, which reads the manifest.
+"""

@@ -1,0 +1,332 @@
+"""The command line: `python diffusion_utilities.py train|sample|export|train-classifier|evaluate --help`.
+
+Nothing here writes under weights/ unless told to with --to-weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from course_tools.manifest import add_to_manifest, read_manifest, remove_from_manifest
+from course_tools.metrics import (
+    classifier_outputs,
+    evaluate,
+    memorisation_figure,
+    metrics_markdown,
+    split_indices,
+    train_classifier,
+)
+from diffusion_utilities import (
+    CLASS_NAMES,
+    DATA_FILE,
+    WEIGHTS_DIR,
+    TrainConfig,
+    describe_device,
+    fast_settings,
+    get_device,
+    load_model,
+    load_pretrained,
+    load_sprites,
+    load_state,
+    make_schedule,
+    plot_sample,
+    sample_ddim,
+    sample_ddpm,
+    save_atomic,
+    save_gif,
+    save_grid_png,
+    to_tensor_images,
+    train,
+)
+
+
+def _cmd_train(args):
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         warmup=args.warmup, drop_prob=args.drop_prob, ema_decay=args.ema_decay,
+                         ema_warmup=args.ema_warmup, n_feat=args.n_feat, norm=args.norm,
+                         prediction=args.prediction, zero_init=args.zero_init, snr_gamma=args.snr_gamma or None,
+                         t_sampling=args.t_sampling, input_perturbation=args.input_perturbation,
+                         jitter=args.jitter, class_balance=args.class_balance,
+                         snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    history = train(config, args.out, data_path=args.data, resume=args.resume, minutes=args.minutes,
+                    device=args.device)
+    print(f"{len(history)} of {config.steps} steps done; last-200 mean loss "
+          f"{np.mean(history[-200:]):.4f}; this run took {(time.time() - t0) / 60:.1f} min; files in {args.out}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _cmd_sample(args):
+    # every check before any compute
+    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f"sample: --out {args.out} must end in an image format: {', '.join(IMAGE_SUFFIXES)}")
+    if args.gif and Path(args.gif).suffix.lower() != ".gif":
+        raise SystemExit(f"sample: --gif {args.gif} must end in .gif")
+    for path in filter(None, (args.out, args.gif)):
+        _destination(Path(path).parent, args.to_weights, "sample")
+    if args.sampler == "ddpm" and args.steps is not None:
+        raise SystemExit("sample: --steps sets DDIM's step count; DDPM always takes all 500 steps "
+                         "(drop --steps, or use --sampler ddim)")
+    classes = [_class_id(c) for c in args.classes]
+    device = torch.device(args.device) if args.device else get_device()
+    model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
+    schedule = make_schedule(500)
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.sampler == "ddpm":
+        x, frames = sample_ddpm(model, len(labels), schedule, context=labels, guide_w=args.guide_w, generator=gen,
+                                progress=True)
+    else:
+        x, frames = sample_ddim(model, len(labels), schedule, n_steps=args.steps or 25, eta=args.eta,
+                                context=labels, guide_w=args.guide_w, generator=gen, progress=True)
+    save_grid_png(x, args.out, nrow=args.per_class)
+    print(f"wrote {args.out}")
+    if args.gif:
+        save_gif(plot_sample(frames, nrow=args.per_class), args.gif)
+        print(f"wrote {args.gif}")
+
+
+def _class_id(name):
+    if name.isdigit() and int(name) < len(CLASS_NAMES):
+        return int(name)
+    if name not in CLASS_NAMES:
+        raise SystemExit(f"unknown class {name!r}; choose from {', '.join(CLASS_NAMES)} (or 0..4)")
+    return CLASS_NAMES.index(name)
+
+
+def _destination(path, to_weights, command):
+    """Where a command writes: path, or weights/ with --to-weights; a path inside weights/ needs the flag."""
+    if to_weights:
+        return WEIGHTS_DIR
+    path = Path(path).resolve()
+    if path == WEIGHTS_DIR or WEIGHTS_DIR in path.parents:
+        raise SystemExit(f"{command}: {path} is inside the shipped weights/; pass --to-weights to replace "
+                         "what ships, or choose another folder")
+    return path
+
+
+def _cmd_export(args):
+    """Copy a finished run's EMA weights and snapshots into weights/ and record them in the manifest."""
+    run, wdir = Path(args.run), _destination(args.weights_dir, args.to_weights, "export")
+    hist = json.loads((run / "history.json").read_text())
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    cfg = ck["config"]
+    if ck["step"] < cfg["steps"]:
+        raise SystemExit(f"export: {run} stopped at step {ck['step']} of {cfg['steps']}; finish it first with "
+                         f"`python diffusion_utilities.py train --out {run} --resume` (and the same settings)")
+    made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
+            "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"),
+            "args": {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}}
+    wdir.mkdir(parents=True, exist_ok=True)
+    loss = np.asarray(hist["loss"])
+    k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
+    curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
+    (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
+    save_atomic(load_state(run / "checkpoint.pt"), wdir / f"{args.name}.pt")
+    minutes = args.train_minutes
+    if minutes is None and "train_seconds" in ck:
+        minutes = round(ck["train_seconds"] / 60, 1)
+    add_to_manifest(args.name, f"{args.name}.pt", weights_dir=wdir, step=ck["step"],
+                    train_minutes=minutes, **made)
+    snaps = sorted(run.glob("snap_*.pt"))
+    fresh = {f"{args.name}_step{int(snap.stem.split('_')[1]):06d}" for snap in snaps}
+    if (wdir / "manifest.json").exists():  # snapshots of an earlier export that this run does not have
+        for old in [n for n in read_manifest(wdir) if n.startswith(f"{args.name}_step") and n not in fresh]:
+            remove_from_manifest(old, wdir)
+    for snap in snaps:
+        step = int(snap.stem.split("_")[1])
+        name = f"{args.name}_step{step:06d}"
+        save_atomic(torch.load(snap, map_location="cpu", weights_only=True), wdir / f"{name}.pt")
+        add_to_manifest(name, f"{name}.pt", weights_dir=wdir, step=step,
+                        note="EMA snapshot during the same run (fp16)", **made)
+    print(f"exported {args.name} (step {ck['step']}) and {len(snaps)} snapshots to {wdir}")
+
+
+def _cmd_train_classifier(args):
+    images, labels, _ = load_sprites(args.data)
+    train_idx, test_idx = split_indices(labels, seed=args.seed)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    clf = train_classifier(images[train_idx], labels[train_idx], epochs=args.epochs, seed=args.seed)
+    _, pred = classifier_outputs(clf, to_tensor_images(images[test_idx]))
+    acc = float((pred == labels[test_idx]).mean())
+    out = WEIGHTS_DIR / "classifier.pt" if args.to_weights else Path(args.out)
+    save_atomic(clf.state_dict(), out)
+    if args.to_weights:
+        add_to_manifest("classifier", "classifier.pt", "classifier", args={"n_classes": 5}, seed=args.seed,
+                        command="python diffusion_utilities.py " + " ".join(args.argv),
+                        train_minutes=round((time.time() - t0) / 60, 1), hardware=describe_device("cpu"),
+                        metrics={"held_out_accuracy": round(acc, 3), "held_out_n": len(test_idx),
+                                 "split": f"split_indices(labels, 0.15, seed={args.seed})"})
+    print(f"wrote {out}: held-out accuracy {acc:.1%} on {len(test_idx)} sprites, "
+          f"{time.time() - t0:.0f} s")
+
+
+def _cmd_evaluate(args):
+    out = _destination(args.out, args.to_weights, "evaluate")
+    if args.to_weights and args.weights:
+        raise SystemExit("evaluate: --to-weights records a shipped model's numbers; use --model NAME, not --weights")
+    device = torch.device(args.device) if args.device else get_device()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
+    classifier = load_pretrained("classifier", device)
+    images, labels, _ = load_sprites(args.data)
+    _, test_idx = split_indices(labels, seed=0)
+    amp_dtype = fast_settings(device)[0] if args.fast else None
+    snapshots = {name: load_pretrained(name, device) for name in args.snapshots}
+    res, samples, nn_idx, dist = evaluate(model, classifier, make_schedule(500), images, labels, test_idx,
+                                          n=args.n, seed=args.seed, amp_dtype=amp_dtype,
+                                          ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
+                                          per_class=args.per_class, snapshots=snapshots)
+    res["hardware"] = describe_device(device)
+    command = "python diffusion_utilities.py " + " ".join(args.argv)
+    res["command"] = command
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(res, indent=2))
+    (out / "metrics.md").write_text(metrics_markdown(res, command.strip()))
+    memorisation_figure(samples, dist, nn_idx, images, out / "memorisation.png")
+    if args.to_weights:
+        _record_metrics(res, args.model)
+    print((out / "metrics.md").read_text())
+
+
+def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
+    """Write the headline numbers of an evaluation beside each evaluated file in the manifest."""
+    manifest = read_manifest(weights_dir)
+    ddpm = res["samplers"][0]
+    headline = {"n": res["n"], "fid_floor": res["floor"]["fid"], "fid_ddpm500": ddpm["fid"], "kid_ddpm500": ddpm["kid"],
+                "tables": "metrics.md"}
+    ddim = next((r for r in res["samplers"] if r["sampler"] == "ddim" and r["steps"] == res["guide_steps"]
+                 and r["eta"] == 0), None)
+    if ddim is not None:
+        headline.update(fid_ddim25=ddim["fid"], kid_ddim25=ddim["kid"], accuracy_ddim25=ddim["accuracy"])
+    if res["guidance"]:
+        best = max(res["guidance"], key=lambda g: g["balanced_accuracy"])
+        headline.update(guided_accuracy=best["balanced_accuracy"], at_guide_w=best["guide_w"])
+    metrics = {model_name: headline}
+    metrics.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"], "accuracy_ddim25": v["accuracy"]}
+                    for k, v in res["snapshots"].items()})
+    for name, m in metrics.items():
+        entry = {k: v for k, v in manifest[name].items() if k not in ("file", "sha256", "kind")}
+        add_to_manifest(name, manifest[name]["file"], manifest[name]["kind"], weights_dir, **{**entry, "metrics": m})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python diffusion_utilities.py",
+                                 description="Train, sample from and evaluate the course's sprite diffusion model.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a ContextUnet on the sprites (resumable)",
+                        description="Train a conditional ContextUnet (context dropout, EMA, warm-up + cosine "
+                                    "learning rate) on data/sprites16.npz. Writes checkpoint.pt, history.json, "
+                                    "ema.pt and snapshots to --out.")
+    tr.add_argument("--out", default="runs/sprites", help="output folder (default runs/sprites)")
+    tr.add_argument("--steps", type=int, default=3300, help="total optimiser steps; sets the LR schedule")
+    tr.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (resume later)")
+    tr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--drop-prob", type=float, default=0.1, help="probability of training on the zero context")
+    tr.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
+    tr.add_argument("--ema-decay", type=float, default=0.999)
+    tr.add_argument("--ema-warmup", type=int, default=10, help="EMA decay ramps as (1 + n) / (this + n)")
+    tr.add_argument("--n-feat", type=int, default=64)
+    tr.add_argument("--norm", choices=["batch", "group"], default="batch")
+    tr.add_argument("--prediction", choices=["eps", "v"], default="v", help="what the network predicts")
+    tr.add_argument("--zero-init", action="store_true", help="start the output conv at zero")
+    tr.add_argument("--snr-gamma", type=float, default=5.0,
+                    help="Min-SNR-gamma loss weighting; 0 turns it off (plain MSE)")
+    tr.add_argument("--t-sampling", choices=["uniform", "lognormal"], default="uniform")
+    tr.add_argument("--input-perturbation", type=float, default=0.0)
+    tr.add_argument("--jitter", type=float, default=0.0, help="colour jitter strength, 0 = off")
+    tr.add_argument("--class-balance", type=float, default=0.5,
+                    help="draw class c with probability ~ n_c**this (1 = as in the data, 0 = balanced)")
+    tr.add_argument("--snapshots", type=int, nargs="*", default=[], help="steps at which to save EMA snapshots")
+    tr.add_argument("--checkpoint-every", type=int, default=500)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    tr.add_argument("--data", default=str(DATA_FILE))
+    tr.set_defaults(func=_cmd_train)
+
+    sa = sub.add_parser("sample", help="write a PNG grid (and optionally a GIF) of samples",
+                        description="Sample sprites for chosen classes; one row per class.")
+    sa.add_argument("--out", default="outputs/samples.png")
+    sa.add_argument("--gif", default=None, help="also write the denoising animation here")
+    sa.add_argument("--classes", nargs="+", default=CLASS_NAMES, help="class names or ids, one row block each")
+    sa.add_argument("--per-class", type=int, default=8)
+    sa.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    sa.add_argument("--steps", type=int, default=None, help="DDIM steps (1..500, default 25)")
+    sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    sa.add_argument("--guide-w", type=float, default=2.0, help="classifier-free guidance weight")
+    sa.add_argument("--model", default="sprites", help="name in weights/manifest.json")
+    sa.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--to-weights", action="store_true", help="allow --out/--gif inside weights/ (README pictures)")
+    sa.add_argument("--device", default=None)
+    sa.set_defaults(func=_cmd_sample)
+
+    ex = sub.add_parser("export", help="copy a finished run's EMA weights and snapshots beside a manifest",
+                        description="Copy --run's EMA weights (fp32) and snapshots (fp16) into --weights-dir, with "
+                                    "sha256, config, hardware and training time in its manifest.json. Only "
+                                    "--to-weights touches the shipped weights/.")
+    ex.add_argument("--run", default="runs/sprites")
+    ex.add_argument("--name", default="sprites")
+    ex.add_argument("--command", default=None, help="the training command to record")
+    ex.add_argument("--weights-dir", default="outputs/export",
+                    help="where to write the files and their manifest (default outputs/export)")
+    ex.add_argument("--to-weights", action="store_true",
+                    help="write into the course's weights/ instead, replacing what ships")
+    ex.add_argument("--train-minutes", type=float, default=None, help="wall-clock training time to record "
+                    "(default: as measured in the checkpoint)")
+    ex.set_defaults(func=_cmd_export)
+
+    tc = sub.add_parser("train-classifier", help="train the SpriteClassifier the metrics use",
+                        description="Train the small sprite classifier on a stratified 85%% split.")
+    tc.add_argument("--out", default="runs/classifier.pt")
+    tc.add_argument("--to-weights", action="store_true",
+                    help="replace the shipped weights/classifier.pt and its manifest entry")
+    tc.add_argument("--epochs", type=int, default=30)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--data", default=str(DATA_FILE))
+    tc.set_defaults(func=_cmd_train_classifier)
+
+    ev = sub.add_parser("evaluate", help="write the quality tables (sprite-FID, KID, accuracy, memorisation)",
+                        description="Measure a sprite model: sprite-FID and KID against the real-vs-real floor, "
+                                    "a sampler table, class accuracy under guidance, and memorisation. Writes "
+                                    "metrics.json, metrics.md and memorisation.png to --out.")
+    ev.add_argument("--out", default="outputs/evaluation", help="folder for the tables (default outputs/evaluation)")
+    ev.add_argument("--to-weights", action="store_true",
+                    help="write the tables into weights/ and the headline numbers into its manifest")
+    ev.add_argument("--n", type=int, default=1000, help="samples per FID/KID (and real sprites per side)")
+    ev.add_argument("--per-class", type=int, default=100, help="samples per class for guided accuracy")
+    ev.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 25, 50, 100])
+    ev.add_argument("--guide-ws", type=float, nargs="+", default=[0, 1, 2, 4])
+    ev.add_argument("--model", default="sprites")
+    ev.add_argument("--snapshots", nargs="*", default=[], help="more manifest names to score with DDIM-25 only")
+    ev.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
+    ev.add_argument("--fast", action="store_true", help="bf16 autocast for the network where the CPU has it")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--data", default=str(DATA_FILE))
+    ev.set_defaults(func=_cmd_evaluate)
+
+    args = ap.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+        # one clear line for the learner, not a traceback from deep inside torch
+        raise SystemExit(f"{args.command}: {err}") from None
