@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -66,9 +67,9 @@ def plot(results, path):
     a2.set_yscale("log")
     for a in (a1, a2):
         a.set_xscale("log")
-        a.set_xlabel(f"training minutes ({results['hardware'].split(',')[0]})")
+        a.set_xlabel("training minutes on a 2-core CPU")
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        a.legend(fontsize=7, loc="lower right" if a is a1 else "lower left")
     fig.suptitle("Time to quality on a 2-core CPU (DDIM-25)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -105,8 +106,8 @@ def main(argv=None):
         results["runs"][args.label] = rows
         results["fid_floor"] = real["floor"]
         results["hardware"] = args.hardware or du.describe_device(device)
-        results.setdefault("commands", {})[args.label] = ("python benchmarks/time_to_quality.py "
-                                                          + " ".join(sys.argv[1:]))
+        results.setdefault("commands", {})[args.label] = shlex.join(["python", "benchmarks/time_to_quality.py",
+                                                                     *sys.argv[1:]])
         OUT.write_text(json.dumps(results, indent=1))
     print(f"wrote {plot(results, OUT.with_suffix('.png'))}")
 
