@@ -518,8 +518,9 @@ def fast_settings(device):
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint.
 
-    The defaults are the shipped model's recipe, chosen by benchmarks/training_recipes.py: v-prediction
-    and Min-SNR-5 weighting each bought more than any other change at a fixed wall-clock budget.
+    The defaults are the half-hour recipe chosen by benchmarks/training_recipes.py (v-prediction and
+    Min-SNR-5 weighting each bought more than any other change at a fixed wall-clock budget); the
+    shipped 101-minute model predates it (eps-prediction, batch 100, no weighting; see README).
     """
     steps: int = 3300
     batch_size: int = 128
