@@ -3,6 +3,7 @@
     python benchmarks/training_recipes.py --minutes 1.5            # the study (about 40 min on 2 cores)
     python benchmarks/training_recipes.py --minutes 1.5 --only base v-pred
     python benchmarks/training_recipes.py --list
+    python benchmarks/training_recipes.py --steps 600 --only base v-prediction --out OTHER.json  # same steps for all
 
 Each candidate is the base recipe with one change (or, in the "combined" rows, the winners together).
 A candidate first times 20 training steps, plans the number of steps that fits the budget (so its
@@ -37,7 +38,10 @@ import course_tools.metrics as cm  # noqa: E402
 import diffusion_utilities as du  # noqa: E402
 
 # The base of the single-change study: the best short recipe of shared/reference/training.md.
-BASE = dict(n_feat=32, batch_size=128, lr=2e-3, warmup=50, ema_decay=0.995, ema_warmup=10)
+# Every loss setting is pinned here: TrainConfig's defaults are the study's outcome, not its starting point.
+BASE = dict(n_feat=32, batch_size=128, lr=2e-3, warmup=50, ema_decay=0.995, ema_warmup=10, prediction="eps",
+            snr_gamma=None, class_balance=0.5, norm="batch", zero_init=False, t_sampling="uniform",
+            input_perturbation=0.0)
 
 CANDIDATES = {
     # what notebook 3 ran before this study (n_feat 64, batch 64, EMA 0.99)
@@ -170,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--combined", action="store_true", help="run round two (the combined recipes) too")
     ap.add_argument("--list", action="store_true", help="list the recipes and exit")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train every recipe for this many steps instead of a time budget (a controlled comparison)")
     ap.add_argument("--cpu-rates", default=None, help="plan steps from the CPU samples/s in this JSON")
     ap.add_argument("--rates-only", action="store_true",
                     help="only time each recipe's training step and write {name: samples/s} to --out")
@@ -205,7 +211,7 @@ def main(argv=None):
     rows = [r for r in previous.get("rows", []) if r["name"] not in names]
     command = shlex.join(["python", "benchmarks/training_recipes.py", *sys.argv[1:]])
     for name in names:
-        steps = None
+        steps = args.steps
         if args.cpu_rates:
             batch = {**BASE, **every[name]}["batch_size"]
             steps = int(args.minutes * 60 * rates[name] / batch)
@@ -214,7 +220,8 @@ def main(argv=None):
         print(f"{name:24s} {row['steps']:5d} steps {row['train_seconds']:5.0f} s  guided {row['guided_accuracy']:.0%}"
               f"  {row['per_class']}  FID {row['fid']:.2f}", flush=True)
         commands = list(dict.fromkeys(previous.get("commands", []) + [command]))
-        out.write_text(json.dumps({"commands": commands, "minutes": args.minutes, "hardware": du.describe_device(device),
+        budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
+        out.write_text(json.dumps({"commands": commands, **budget, "hardware": du.describe_device(device),
                                    "fid_floor": real["floor"], "rows": rows}, indent=1))
     print(markdown(rows, real["floor"], args.minutes))
 
