@@ -126,25 +126,23 @@ def score(model, classifier, real_ref, labels_mix, *, per_class=40, n_fid=500, s
             "fid": cm.frechet_distance(feats, real_ref)}
 
 
-def run(name, overrides, seconds, device, classifier, real, steps=None, snapshots=(), out=None):
-    """Train one candidate for the budget and score it. Returns its row."""
+def run(name, overrides, seconds, device, classifier, real, steps=None):
+    """Train one candidate for the budget (or for `steps`) and score it. Returns its row."""
     sec_per_step = time_steps(overrides, device)
     if steps is None:
         steps = max(10, int(seconds / sec_per_step))
     cfg = config_for(overrides, steps)
-    cfg.snapshot_steps = sorted(s for s in snapshots if s < steps)
-    run_dir = Path(out) if out else Path(tempfile.mkdtemp())
-    t0 = time.time()
-    history = du.train(cfg, run_dir, device=device, progress=False)
-    train_s = time.time() - t0
-    model = du.load_model(run_dir / "ema.pt", device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        t0 = time.time()
+        history = du.train(cfg, run_dir, device=device, progress=False)
+        train_s = time.time() - t0
+        model = du.load_model(Path(run_dir) / "ema.pt", device)
     amp_dtype = du.fast_settings(device)[0]
-    row = {"name": name, "changes": overrides, "config": cfg.__dict__, "steps": steps,
-           "seconds_per_step_timed": sec_per_step, "train_seconds": train_s,
-           "samples_per_second": steps * cfg.batch_size / train_s,
-           "final_loss": float(np.mean(history[-50:])), **score(model, classifier, real["ref"], real["mix"],
-                                                               amp_dtype=amp_dtype)}
-    return row
+    return {"name": name, "changes": overrides, "config": cfg.__dict__, "steps": steps,
+            "seconds_per_step_timed": sec_per_step, "train_seconds": train_s,
+            "samples_per_second": steps * cfg.batch_size / train_s,
+            "final_loss": float(np.mean(history[-50:])), **score(model, classifier, real["ref"], real["mix"],
+                                                                amp_dtype=amp_dtype)}
 
 
 def markdown(rows, floor, budget_min):
