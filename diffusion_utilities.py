@@ -708,9 +708,7 @@ class _TrainingData:
 
     def __init__(self, data_path, config):
         self.path = _resolve_data_path(data_path)
-        images, labels, class_names = load_sprites(self.path)
-        with np.load(self.path) as d:
-            alpha = d["alpha"]
+        images, labels, alpha, class_names = _read_sprites(self.path)
         self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
         self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
         self.n_classes, self.height = len(class_names), images.shape[1]
@@ -1045,6 +1043,12 @@ def load_sprites(path="data/sprites16.npz"):
     images: uint8 (N, 16, 16, 3) RGB on white; labels: int64 (N,) in 0..4;
     class_names: list of 5 str (hero, non-hero, food, spell, item).
     """
+    images, labels, _, class_names = _read_sprites(path)
+    return images, labels, class_names
+
+
+def _read_sprites(path):
+    """(images, labels int64, alpha, class_names) from a dataset file, checked; see load_sprites."""
     path = _resolve_data_path(path)
     try:
         with np.load(path) as d:
@@ -1057,7 +1061,7 @@ def load_sprites(path="data/sprites16.npz"):
         raise ValueError(f"{path} cannot be read as a dataset (.npz): {err}. Rebuild it, or restore it with "
                          "`git checkout -- data/`") from None
     _check_dataset(path, images, labels, alpha, class_names)
-    return images, labels.astype(np.int64), class_names
+    return images, labels.astype(np.int64), alpha, class_names
 
 
 def _check_dataset(path, images, labels, alpha, class_names):
@@ -1131,9 +1135,7 @@ class SpriteDataset(Dataset):
     """
 
     def __init__(self, path="data/sprites16.npz", augment=False, jitter=0.0, indices=None):
-        with np.load(_resolve_data_path(path)) as d:
-            images, labels, alpha = d["images"], d["labels"].astype(np.int64), d["alpha"]
-            self.class_names = [str(s) for s in d["class_names"]]
+        images, labels, alpha, self.class_names = _read_sprites(path)
         if indices is not None:
             images, labels, alpha = images[indices], labels[indices], alpha[indices]
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
