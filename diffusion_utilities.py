@@ -6,6 +6,7 @@
     Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
     Notebook 5  Context and guidance              predict_noise (classifier-free guidance), one_hot
     Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
+    Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
     Appendix    data, pictures, devices, weights  load_sprites, show_images, plot_sample, load_pretrained
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
@@ -927,11 +928,11 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def _start_sampling(model, n_sample, schedule, context, guide_w, generator):
+def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None):
     """What every sampler does first: check its inputs, move the schedule and context to the model's
-    device, and draw x_T. Any nn.Module with ContextUnet's call signature model(x, t/T, context) and its
-    attributes in_channels, h and n_cfeat can be sampled (prediction="v" if it predicts v).
-    Returns (schedule, context, x_T)."""
+    device, and draw x_T (or check the one given). Any nn.Module with ContextUnet's call signature
+    model(x, t/T, context) and its attributes in_channels, h and n_cfeat can be sampled
+    (prediction="v" if it predicts v). Returns (schedule, context, x_T)."""
     missing = [a for a in ("in_channels", "h", "n_cfeat") if not hasattr(model, a)]
     if not isinstance(model, nn.Module) or missing:
         raise ValueError(f"model must be an nn.Module called as model(x, t / T, context) with the attributes "
@@ -940,7 +941,14 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator):
         raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
     device = _model_device(model)
     context = _prepare_context(context, n_sample, model, guide_w)
-    x = _randn((n_sample, model.in_channels, model.h, model.h), generator, device)
+    shape = (n_sample, model.in_channels, model.h, model.h)
+    if x_T is None:
+        x = _randn(shape, generator, device)
+    else:
+        _check_images(x_T, "x_T")
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape} (n_sample, channels, height, width), got {tuple(x_T.shape)}")
+        x = x_T.detach().float().to(device)
     return schedule.to(device), context, x
 
 
@@ -995,24 +1003,198 @@ def ddim_timesteps(T, n_steps):
 
 @torch.no_grad()
 def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None, guide_w=0.0, generator=None,
-                progress=False, amp_dtype=None):
+                progress=False, amp_dtype=None, x_T=None):
     """Generate n_sample images with DDIM in n_steps network calls (any n_steps in 1..T).
 
     Returns (samples, intermediates) like sample_ddpm; intermediates has n_steps + 1 frames (x_T and
     the result of every step). eta=0 is deterministic given the starting noise; eta=1 adds DDPM-like
-    noise. context, guide_w, generator, progress and amp_dtype as in sample_ddpm.
+    noise. context, guide_w, generator, progress and amp_dtype as in sample_ddpm. x_T: start from this
+    noise (n_sample, C, H, W) instead of drawing it, e.g. one made by invert_ddim (notebook 7).
     """
     from tqdm.auto import tqdm
 
     _check_eta(eta)
     steps = ddim_timesteps(schedule.T, n_steps)
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM"):
             eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
             z = _randn(x.shape, generator, x.device) if eta > 0 else None
             x = denoise_ddim(x, t, t_prev, eps, schedule, eta=eta, z=z)
+            frames.append(x.cpu().numpy())
+    return x, np.stack(frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 7. Beyond sampling: inversion, interpolation, inpainting, a faster solver
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def invert_ddim(model, x0, schedule, *, n_steps=100, context=None, guide_w=0.0, progress=False, amp_dtype=None):
+    """The noise x_T that deterministic DDIM (eta 0, the same n_steps and context) maps back to x0.
+
+    DDIM inversion (Song et al. 2020, sec. 4.3; Dhariwal & Nichol 2021, app. F): eta-0 DDIM is a
+    discretised ODE, so it can run backwards, from t = 0 up to T, with the same update:
+    x_t = sqrt(ab_t) * x0_hat + sqrt(1 - ab_t) * eps, x0_hat = (x_prev - sqrt(1 - ab_prev) * eps) / sqrt(ab_prev).
+    The exact inverse needs eps at the unknown x_t; we use eps(x_prev, t), so the round trip
+    is not exact, and its error shrinks as n_steps grows.
+    x0: (B, C, H, W) in [-1, 1]. Returns x_T of the same shape, on the model's device.
+    """
+    from tqdm.auto import tqdm
+
+    _check_images(x0, "x0")
+    if x0.shape[1:] != (model.in_channels, model.h, model.h):
+        raise ValueError(f"x0 must be images (B, {model.in_channels}, {model.h}, {model.h}) for this model, "
+                         f"got {tuple(x0.shape)}")
+    steps = ddim_timesteps(schedule.T, n_steps)[::-1]  # 0 ... T
+    schedule, context, _ = _start_sampling(model, x0.shape[0], schedule, context, guide_w, None, x0)
+    x = x0.detach().float().to(_model_device(model))
+    with _EvalMode(model):
+        for t_prev, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM inversion"):
+            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+            ab, ab_prev = schedule.ab_t[t], schedule.ab_t[t_prev]
+            x0_hat = (x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt()
+            x = ab.sqrt() * x0_hat + (1 - ab).sqrt() * eps
+    return x
+
+
+def slerp(a, b, t):
+    """Spherical interpolation from a (t = 0) to b (t = 1), per sample: (B, ...) tensors, t a float in [0, 1].
+
+    slerp = sin((1 - t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b, theta the angle between
+    a and b (Shoemake 1985). Gaussian noise in many dimensions lives near a sphere of radius sqrt(D);
+    a straight line between two noises cuts inside it (at t = 0.5 its norm drops by about 1/sqrt(2)),
+    which the model has never seen; slerp keeps the norm for equal-norm inputs. Nearly parallel
+    inputs fall back to a straight line.
+    """
+    if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape:
+        raise ValueError(f"a and b must be tensors of the same shape, got {getattr(a, 'shape', type(a))} "
+                         f"and {getattr(b, 'shape', type(b))}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+        raise ValueError(f"t must be a number in [0, 1] (0 gives a, 1 gives b), got {t!r}")
+    fa, fb = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1)).clamp(min=1e-12)
+    theta = torch.arccos(cos.clamp(-1, 1)).view(-1, 1)
+    sin = torch.sin(theta)
+    near = sin.abs() < 1e-6
+    wa = torch.where(near, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / sin.where(~near, 1))
+    wb = torch.where(near, torch.full_like(theta, float(t)), torch.sin(t * theta) / sin.where(~near, 1))
+    return (wa * fa + wb * fb).reshape(a.shape).to(a.dtype)
+
+
+def _check_inpainting(x_known, mask, model):
+    """x_known: (B, C, H, W) in [-1, 1] for this model; mask: 0/1 floats (B or 1, 1 or C, H, W)."""
+    _check_images(x_known, "x_known")
+    want = (model.in_channels, model.h, model.h)
+    if tuple(x_known.shape[1:]) != want:
+        raise ValueError(f"x_known must have shape (B, {', '.join(map(str, want))}) for this model, "
+                         f"got {tuple(x_known.shape)}")
+    if float(x_known.abs().max()) > 1 + 1e-4:
+        raise ValueError(f"x_known must lie in [-1, 1] (got values up to {float(x_known.abs().max()):.3g}); "
+                         "convert 0..255 pixels with du.to_tensor_images")
+    if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[0] not in (1, len(x_known)) \
+            or mask.shape[1] not in (1, want[0]) or tuple(mask.shape[2:]) != want[1:]:
+        raise ValueError(f"mask must have shape (B or 1, 1 or {want[0]}, {want[1]}, {want[2]}) to match x_known "
+                         f"{tuple(x_known.shape)}, got {tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
+    mask = mask.float()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0 (fill in) and 1 (known, kept)")
+    return mask
+
+
+@torch.no_grad()
+def inpaint(model, x_known, mask, schedule, *, n_steps=50, resample=5, context=None, guide_w=0.0, generator=None,
+            progress=False, amp_dtype=None):
+    """Fill in the pixels where mask == 0 so that they fit the known ones (RePaint, Lugmayr et al. 2022).
+
+    Each reverse step t -> t_prev makes the unknown part with an ancestral (eta 1) DDIM step and
+    the known part by noising x_known to t_prev (perturb_input), then pastes them together. The two
+    halves were made independently, so RePaint "resamples": it noises the pasted x_{t_prev} back to t
+    (x_t = sqrt(ab_t / ab_prev) x_{t_prev} + sqrt(1 - ab_t / ab_prev) z, the forward process) and
+    repeats the step, resample times in all, letting the model harmonise the seam.
+    x_known: (B, C, H, W) in [-1, 1]; mask: (B or 1, 1 or C, H, W), 1 = known and kept, 0 = filled in.
+    n_steps: reverse steps (1..T); resample >= 1 (1 = no resampling); n_steps * resample network calls.
+    Returns (samples, intermediates) like sample_ddim; the samples equal x_known exactly where mask == 1.
+    """
+    from tqdm.auto import tqdm
+
+    mask = _check_inpainting(x_known, mask, model)
+    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample < 1:
+        raise ValueError(f"resample must be an integer >= 1 (1 = plain RePaint without resampling), got {resample!r}")
+    steps = ddim_timesteps(schedule.T, n_steps)
+    schedule, context, x = _start_sampling(model, len(x_known), schedule, context, guide_w, generator)
+    x_known, mask = x_known.float().to(x.device), mask.to(x.device)
+    frames = [x.cpu().numpy()]
+    with _EvalMode(model):
+        for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="RePaint"):
+            for r in range(resample):
+                eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+                unknown = denoise_ddim(x, t, t_prev, eps, schedule, eta=1.0, z=_randn(x.shape, generator, x.device))
+                known = perturb_input(x_known, t_prev, _randn(x.shape, generator, x.device), schedule)
+                x_prev = mask * known + (1 - mask) * unknown
+                if r < resample - 1:  # back to t: the forward process from t_prev to t
+                    a = schedule.ab_t[t] / schedule.ab_t[t_prev]
+                    x = a.sqrt() * x_prev + (1 - a).sqrt() * _randn(x.shape, generator, x.device)
+            x = x_prev
+            frames.append(x.cpu().numpy())
+    x = mask * x_known + (1 - mask) * x  # ab_0 = 1, so this changes nothing but float rounding
+    return x, np.stack(frames)
+
+
+def _lambda(schedule, t):
+    """Half the log signal-to-noise ratio at step t: log(sqrt(ab_t) / sqrt(1 - ab_t)); +inf at t = 0."""
+    ab = schedule.ab_t[t].double()
+    return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+
+
+def logsnr_timesteps(schedule, n_steps):
+    """n_steps + 1 integer timesteps from T down to 0, evenly spaced in lambda (log-SNR) from T to
+    t = T // 50, then the last step to 0 (lambda is infinite at 0). Lu et al. 2022 step evenly in
+    lambda: the ODE's solution changes at a similar pace per unit of lambda. Repeated integers are
+    dropped, so very large n_steps may give fewer steps."""
+    T = schedule.T
+    if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= T:
+        raise ValueError(f"n_steps must be an integer in 1..{T} (the number of network calls), got {n_steps!r}")
+    t_min = max(1, T // 50)
+    lam = _lambda(schedule, torch.arange(1, T + 1))  # decreasing in t
+    targets = torch.linspace(float(lam[T - 1]), float(lam[t_min - 1]), n_steps)  # [lambda_T .. lambda_t_min]
+    steps = [int(torch.argmin((lam - v).abs())) + 1 for v in targets] + [0]
+    return [t for i, t in enumerate(steps) if i == 0 or t != steps[i - 1]]
+
+
+@torch.no_grad()
+def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, guide_w=0.0, generator=None,
+                      progress=False, amp_dtype=None, x_T=None):
+    """Generate n_sample images with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in n_steps network calls.
+
+    Same ODE as eta-0 DDIM, solved with a second-order multistep method: each step reuses the
+    previous step's clean-image estimate. With alpha = sqrt(ab), sigma = sqrt(1 - ab),
+    lambda = log(alpha / sigma) and h = lambda_t - lambda_s for a step s -> t:
+        D = (1 + 1 / (2r)) x0_s - 1 / (2r) x0_prev, r = h_prev / h   (D = x0_s on the first step)
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D.
+    With D = x0_s this is exactly a DDIM step. The last step (to t = 0, where lambda is infinite)
+    is first order: it returns D = x0_s, as DDIM's last step does. Timesteps: logsnr_timesteps.
+    Returns (samples, intermediates) like sample_ddim; options as in sample_ddim.
+    """
+    from tqdm.auto import tqdm
+
+    steps = logsnr_timesteps(schedule, n_steps)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
+    frames, x0_prev, h_prev = [x.cpu().numpy()], None, None
+    with _EvalMode(model):
+        for s, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DPM-Solver++"):
+            eps = predict_noise(model, x, s, schedule, context, guide_w, amp_dtype=amp_dtype)
+            x0 = predict_x0(x, s, eps, schedule)
+            if t == 0:
+                x = x0
+            else:
+                h = float(_lambda(schedule, t) - _lambda(schedule, s))
+                D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)
+                sigma_ratio = ((1 - schedule.ab_t[t]) / (1 - schedule.ab_t[s])).sqrt()
+                x = sigma_ratio * x - schedule.ab_t[t].sqrt() * math.expm1(-h) * D
+                h_prev = h
+            x0_prev = x0
             frames.append(x.cpu().numpy())
     return x, np.stack(frames)
 
