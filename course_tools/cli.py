@@ -16,9 +16,11 @@ import torch
 from course_tools.manifest import add_to_manifest, read_manifest, remove_from_manifest
 from course_tools.metrics import (
     classifier_outputs,
+    compare_solvers,
     evaluate,
     memorisation_figure,
     metrics_markdown,
+    solvers_markdown,
     split_indices,
     train_classifier,
 )
@@ -184,14 +186,23 @@ def _cmd_evaluate(args):
     images, labels, _ = load_sprites(args.data)
     _, test_idx = split_indices(labels, seed=0)
     amp_dtype = fast_settings(device)[0] if args.fast else None
+    command = "python diffusion_utilities.py " + " ".join(args.argv)
+    solvers = None
+    if args.solver_calls:
+        solvers = compare_solvers(model, classifier, make_schedule(500), images, labels, n=args.n, seed=args.seed,
+                                  calls=tuple(args.solver_calls), amp_dtype=amp_dtype)
+        solvers["command"] = command
+    if args.only_solvers:
+        _update_solvers(out, solvers)
+        return
     snapshots = {name: load_pretrained(name, device) for name in args.snapshots}
     res, samples, nn_idx, dist = evaluate(model, classifier, make_schedule(500), images, labels, test_idx,
                                           n=args.n, seed=args.seed, amp_dtype=amp_dtype,
                                           ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
                                           per_class=args.per_class, snapshots=snapshots)
     res["hardware"] = describe_device(device)
-    command = "python diffusion_utilities.py " + " ".join(args.argv)
     res["command"] = command
+    res["solvers"] = solvers
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
     (out / "metrics.md").write_text(metrics_markdown(res, command.strip()))
@@ -199,6 +210,23 @@ def _cmd_evaluate(args):
     if args.to_weights:
         _record_metrics(res, args.model)
     print((out / "metrics.md").read_text())
+
+
+def _update_solvers(out, solvers):
+    """evaluate --only-solvers: replace the solver table of an earlier evaluation in out, keep the rest."""
+    path = out / "metrics.json"
+    if not path.exists():
+        raise SystemExit(f"evaluate --only-solvers: {path} does not exist; run the full evaluate first")
+    if solvers is None:
+        raise SystemExit("evaluate --only-solvers: --solver-calls is empty, so there is nothing to measure")
+    res = json.loads(path.read_text())
+    res["solvers"] = solvers
+    markdown = metrics_markdown(res, res["command"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    (out / "metrics.md").write_text(markdown)
+    tmp.replace(path)
+    print("\n".join(solvers_markdown(solvers)))
 
 
 def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
@@ -317,6 +345,10 @@ def main(argv=None):
     ev.add_argument("--model", default="sprites")
     ev.add_argument("--snapshots", nargs="*", default=[], help="more manifest names to score with DDIM-25 only")
     ev.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
+    ev.add_argument("--solver-calls", type=int, nargs="*", default=[5, 10, 20, 50],
+                    help="network calls at which to compare DDIM with DPM-Solver++ (none: skip)")
+    ev.add_argument("--only-solvers", action="store_true",
+                    help="measure only the solver comparison and put it into --out's existing metrics")
     ev.add_argument("--fast", action="store_true", help="bf16 autocast for the network where the CPU has it")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=None)

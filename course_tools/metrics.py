@@ -19,6 +19,7 @@ from diffusion_utilities import (
     augment_batch,
     sample_ddim,
     sample_ddpm,
+    sample_dpm_solver,
     save_grid_png,
     to_display,
     to_tensor_images,
@@ -172,23 +173,60 @@ NEAR_COPY_RMS = 0.06  # rms pixel difference (0..1 scale) below which a sample c
 
 def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide_w=0.0, seed=0,
              batch_size=250, amp_dtype=None, progress=True):
-    """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds)."""
+    """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds).
+
+    sampler: "ddpm" (T steps), "ddim" or "dpm-solver" (n_steps network calls each)."""
     from tqdm.auto import tqdm
 
     labels = torch.as_tensor(labels).long()
     gen = torch.Generator().manual_seed(seed)
     out, t0 = [], time.time()
     for i in tqdm(range(0, len(labels), batch_size), disable=not progress,
-                  desc=f"{sampler}-{n_steps if sampler == 'ddim' else schedule.T} w={guide_w}"):
+                  desc=f"{sampler}-{schedule.T if sampler == 'ddpm' else n_steps} w={guide_w}"):
         lab = labels[i:i + batch_size]
         if sampler == "ddpm":
             x, _ = sample_ddpm(model, len(lab), schedule, context=lab, guide_w=guide_w, save_rate=schedule.T, generator=gen,
                                amp_dtype=amp_dtype)
+        elif sampler == "dpm-solver":
+            x, _ = sample_dpm_solver(model, len(lab), schedule, n_steps=n_steps, context=lab, guide_w=guide_w,
+                                     generator=gen, amp_dtype=amp_dtype)
         else:
             x, _ = sample_ddim(model, len(lab), schedule, n_steps=n_steps, eta=eta, context=lab, guide_w=guide_w,
                               generator=gen, amp_dtype=amp_dtype)
         out.append(x.cpu())
     return torch.cat(out), time.time() - t0
+
+
+def _real_sets(classifier, images, labels, n, seed):
+    """Two disjoint random sets of n real sprites as classifier features (reference, other), and the
+    class ids of the second set: samples are made for these, so they share the real data's class mix."""
+    labels = np.asarray(labels)
+    if 2 * n > len(labels):
+        raise ValueError(f"n={n} is too large: the floor needs two disjoint sets of n real sprites "
+                         f"(at most {len(labels) // 2})")
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    ref_idx, other_idx = perm[:n], perm[n:2 * n]
+    real_ref, _ = classifier_outputs(classifier, to_tensor_images(images[ref_idx]))
+    real_other, _ = classifier_outputs(classifier, to_tensor_images(images[other_idx]))
+    return real_ref, real_other, labels[other_idx]
+
+
+def compare_solvers(model, classifier, schedule, images, labels, n=1000, seed=0, calls=(5, 10, 20, 50),
+                    amp_dtype=None, progress=True):
+    """Quality against network calls: sprite-FID, KID and class accuracy of DDIM (eta 0) and
+    DPM-Solver++(2M) at each number of calls, on the same real sets and seeds as evaluate (w = 0).
+    Returns {"n", "seed", "floor_fid", "rows": [{sampler, calls, s_per_sample, fid, kid, accuracy}]}."""
+    real_ref, real_other, gen_labels = _real_sets(classifier, images, labels, n, seed)
+    rows = []
+    for sampler in ("ddim", "dpm-solver"):
+        for k in calls:
+            x, secs = generate(model, schedule, gen_labels, sampler, k, 0.0, 0.0, seed, amp_dtype=amp_dtype,
+                               progress=progress)
+            f, pred = classifier_outputs(classifier, x)
+            rows.append({"sampler": sampler, "calls": k, "s_per_sample": secs / n, "fid": frechet_distance(f, real_ref),
+                         "kid": kernel_inception_distance(f, real_ref)[0], "accuracy": float((pred == gen_labels).mean())})
+    return {"n": n, "seed": seed, "amp_dtype": str(amp_dtype), "floor_fid": frechet_distance(real_other, real_ref),
+            "rows": rows}
 
 
 def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed=0, guide_ws=(0, 1, 2, 4),
@@ -202,16 +240,8 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed
     snapshots: optional {name: model} scored the same way with DDIM-{guide_steps} only (training progress).
     Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
     """
-    rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
-    if 2 * n > len(labels):
-        raise ValueError(f"n={n} is too large: the floor needs two disjoint sets of n real sprites "
-                         f"(at most {len(labels) // 2})")
-    perm = rng.permutation(len(labels))
-    ref_idx, other_idx = perm[:n], perm[n:2 * n]
-    real_ref, _ = classifier_outputs(classifier, to_tensor_images(images[ref_idx]))
-    real_other, _ = classifier_outputs(classifier, to_tensor_images(images[other_idx]))
-    gen_labels = labels[other_idx]  # the same class mix as the real sets
+    real_ref, real_other, gen_labels = _real_sets(classifier, images, labels, n, seed)
     res = {"n": n, "seed": seed, "amp_dtype": str(amp_dtype), "near_copy_rms": NEAR_COPY_RMS,
            "guide_steps": guide_steps}
     res["floor"] = {"fid": frechet_distance(real_other, real_ref),
@@ -291,6 +321,7 @@ def metrics_markdown(res, command):
         lines += ["", f"## Training progress (DDIM-{res['guide_steps']}, eta 0, w = 0)", "",
                   "| model | sprite-FID | KID | class accuracy |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['fid']:.2f} | {v['kid']:.4f} | {v['accuracy']:.1%} |" for k, v in res["snapshots"].items()]
+    lines += solvers_markdown(res.get("solvers"))
     m = res["memorisation"]
     lines += ["", "## Memorisation (DDPM-500 samples vs their nearest training sprite, flips included)", "",
               f"Median rms pixel distance {m['median_rms']:.3f} (0..1 scale); near-copies (rms < "
@@ -307,3 +338,19 @@ def memorisation_figure(samples, dist, neighbour_idx, images, path, n_pairs=16):
                          for i in pick])  # (n_pairs, 2, 3, H, W)
     grid = pairs.permute(1, 0, 2, 3, 4).reshape(-1, *samples.shape[1:])  # row 1 samples, row 2 neighbours
     return save_grid_png(grid, path, nrow=n_pairs, scale=4)
+
+
+def solvers_markdown(solvers):
+    """compare_solvers' result (with its "command") as a markdown section; [] when there is none."""
+    if not solvers:
+        return []
+    lines = ["", "## Fewer network calls: DDIM against DPM-Solver++(2M) (w = 0)", "",
+             f"Reproduce: `{solvers['command']}` (n = {solvers['n']}, same real sets and seeds as above, "
+             f"autocast {solvers['amp_dtype']}).", "",
+             "| network calls | DDIM (eta 0) sprite-FID | DPM-Solver++(2M) sprite-FID | DDIM accuracy | DPM-Solver accuracy |",
+             "|---|---|---|---|---|"]
+    by = {(r["sampler"], r["calls"]): r for r in solvers["rows"]}
+    for k in sorted({r["calls"] for r in solvers["rows"]}):
+        d, p = by.get(("ddim", k)), by.get(("dpm-solver", k))
+        lines.append(f"| {k} | {d['fid']:.2f} | {p['fid']:.2f} | {d['accuracy']:.1%} | {p['accuracy']:.1%} |")
+    return lines

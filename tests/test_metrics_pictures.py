@@ -3,6 +3,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -96,3 +98,29 @@ def test_animation_and_gif(tmp_path):
     assert Image.open(gif).n_frames == 3
     with pytest.raises(ValueError, match="frames, B, 3, H, W"):
         du.plot_sample(frames[0])
+
+
+def test_compare_solvers_rows_and_table():
+    images, labels, _ = du.load_sprites()
+    model, clf = du.ContextUnet(n_feat=8).eval(), cm.SpriteClassifier().eval()
+    res = cm.compare_solvers(model, clf, du.make_schedule(10), images, labels, n=8, calls=(1, 3), progress=False)
+    assert [(r["sampler"], r["calls"]) for r in res["rows"]] == [("ddim", 1), ("ddim", 3), ("dpm-solver", 1),
+                                                                 ("dpm-solver", 3)]
+    one_call = [r["fid"] for r in res["rows"] if r["calls"] == 1]
+    assert one_call[0] == pytest.approx(one_call[1], rel=1e-3)  # one step: the two solvers coincide
+    md = "\n".join(cm.solvers_markdown({**res, "command": "python diffusion_utilities.py evaluate --only-solvers"}))
+    assert "| 3 |" in md and "--only-solvers" in md
+    assert cm.solvers_markdown(None) == []
+
+
+def test_only_solvers_updates_an_earlier_evaluation(tmp_path):
+    from course_tools.cli import main
+
+    with pytest.raises(SystemExit, match="run the full evaluate first"):
+        main(["evaluate", "--only-solvers", "--out", str(tmp_path), "--n", "8", "--solver-calls", "1"])
+    earlier = json.loads((du.WEIGHTS_DIR / "metrics.json").read_text())
+    (tmp_path / "metrics.json").write_text(json.dumps(earlier))
+    main(["evaluate", "--only-solvers", "--out", str(tmp_path), "--n", "8", "--solver-calls", "1", "2"])
+    res = json.loads((tmp_path / "metrics.json").read_text())
+    assert res["samplers"] == earlier["samplers"] and len(res["solvers"]["rows"]) == 4
+    assert "--only-solvers" in res["solvers"]["command"] and "DPM-Solver++(2M)" in (tmp_path / "metrics.md").read_text()
