@@ -414,7 +414,8 @@ def diffusion_loss(model, x, c, schedule, drop_prob=0.1, generator=None, *, snr_
         keep = (torch.rand(B, device=gdev, generator=generator) >= drop_prob).to(dev, c.dtype)
         c = c * keep[:, None]
     pred = model(x_t, t.to(x.dtype) / schedule.T, c)
-    v_pred = getattr(model, "prediction", "eps") == "v"
+    net = getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the network in .module
+    v_pred = getattr(net, "prediction", "eps") == "v"
     target = velocity(x, noise, t, schedule) if v_pred else noise
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
@@ -648,37 +649,95 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
     over sessions.
     callback(step, loss) is called after each step (a notebook's live loss plot).
     A LOCK file (see RunLock) keeps a second training out of out_dir while this one runs.
+    Under torchrun it trains data-parallel: see _distributed.
     """
-    with RunLock(out_dir):
+    import contextlib
+
+    lock = RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
         return _train(config, Path(out_dir), data_path, resume, minutes, device, progress, callback, stop_at)
+
+
+def _distributed(device):
+    """(rank, world size, device) for data-parallel training under torchrun; (0, 1, device) otherwise.
+
+    torchrun starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; each process joins
+    the group (gloo on CPUs, NCCL on GPUs) and draws its own part of every batch (batch_size / world size)
+    with its own generator; DistributedDataParallel averages the gradients, so the global batch and the
+    learning rate mean what they mean in one process. BatchNorm: on GPUs it becomes SyncBatchNorm (whole-
+    batch statistics); on CPUs each process normalises with its own part's statistics (gloo has no
+    SyncBatchNorm), and the running statistics are rank 0's; GroupNorm (--norm group) is unaffected.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _all_mean(value, world):
+    """The mean of a float over all processes (the value itself in one process)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def _all_generator_states(gen, world):
+    """Every process's generator state, in rank order (a checkpoint holds them all)."""
+    if world == 1:
+        return [gen.get_state()]
+    import torch.distributed as dist
+
+    states = [None] * world
+    dist.all_gather_object(states, gen.get_state())
+    return states
 
 
 def _train(config, out_dir, data_path, resume, minutes, device, progress, callback, stop_at):
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else get_device()
+    rank, world, device = _distributed(device)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must divide evenly over {world} processes")
     amp_dtype, mem_format = fast_settings(device)
     data = _TrainingData(data_path, config)
     torch.manual_seed(config.seed)
     schedule = make_schedule(config.timesteps).to(device)
     model = ContextUnet(n_feat=config.n_feat, n_cfeat=data.n_classes, height=data.height, norm=config.norm,
                         prediction=config.prediction, zero_init=config.zero_init).to(device, memory_format=mem_format)
+    net = model
+    if world > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)  # drives batches, t, noise and dropout
+    gen = torch.Generator().manual_seed(config.seed + rank)  # drives this process's batches, t, noise, dropout
     loss_options = {"snr_gamma": config.snr_gamma, "input_perturbation": config.input_perturbation,
                     "t_probs": (None if config.t_sampling == "uniform"
                                 else timestep_probabilities(schedule.to("cpu"), config.t_sampling))}
-    run = _RunState(out_dir, config, data, device)
+    run = _RunState(out_dir, config, data, device, rank, world)
     if resume:
         run.resume(model, ema, opt, gen)
     deadline = time.time() + 60 * minutes if minutes is not None else None
-    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="training", mininterval=2)
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress or rank > 0, desc="training", mininterval=2)
     while run.step < config.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(run.step, config.steps, config.lr, config.lr_min, config.warmup)
-        x, c = data.batch(gen, device, mem_format)                                      # 1. a batch of sprites
-        loss = train_step(model, opt, x, c, schedule, config.drop_prob, gen, amp_dtype, **loss_options)  # 2. a step
+        x, c = data.batch(gen, device, mem_format, config.batch_size // world)          # 1. a batch of sprites
+        loss = train_step(net, opt, x, c, schedule, config.drop_prob, gen, amp_dtype, **loss_options)  # 2. a step
+        loss = _all_mean(loss, world)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {run.step + 1}; training stopped. The last good "
                                      f"checkpoint ({run.saved_step}) is kept in {run.ckpt_path}; try a lower --lr")
@@ -690,16 +749,17 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
             bar.set_postfix(loss=f"{np.mean(run.history[-200:]):.4f}")
         if callback is not None:
             callback(run.step, loss)
-        if run.step in config.snapshot_steps:                                           # 4. snapshots, checkpoints
+        if run.step in config.snapshot_steps and rank == 0:                             # 4. snapshots, checkpoints
             run.save_snapshot(ema.model)
-        stop = run.step < config.steps and ((deadline is not None and time.time() > deadline) or run.step == stop_at)
+        late = _all_mean(deadline is not None and time.time() > deadline, world) > 0 if deadline else False
+        stop = run.step < config.steps and (late or run.step == stop_at)
         if run.step % config.checkpoint_every == 0 or run.step == config.steps or stop:
-            run.save_checkpoint(model, ema, opt, gen)
+            run.save_checkpoint(model, ema, opt, _all_generator_states(gen, world))
         if stop:
             break
     bar.close()
-    if run.step >= config.steps:
-        save_atomic(weights_file(ema.model), out_dir / "ema.pt")
+    if run.step >= config.steps and rank == 0:
+        save_atomic({**weights_file(ema.model), "class_names": data.class_names}, out_dir / "ema.pt")
     return run.history
 
 
@@ -712,15 +772,22 @@ class _TrainingData:
         images, labels, alpha, class_names = _read_sprites(self.path)
         self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
         self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
-        self.n_classes, self.height = len(class_names), images.shape[1]
+        self.n_classes, self.height, self.class_names = len(class_names), images.shape[1], class_names
+        if len(images) < 1000:  # warnings.warn shows this once per run
+            import warnings
+
+            warnings.warn(f"{self.path} holds only {len(images)} images ({self.n_classes} classes, {self.height}x"
+                          f"{self.height}); a ContextUnet has over a million weights (0.37 M at n_feat 32, 1.48 M at 64) "
+                          "and can memorise so few: expect samples that copy training images. Our sprite set has "
+                          "2,718; add images, or use a smaller --n-feat and fewer --steps.", stacklevel=2)
         self.c = one_hot(torch.from_numpy(labels), self.n_classes)
         self.weights = torch.from_numpy(class_sampling_weights(labels, config.class_balance))
         self.config = config
         self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
 
-    def batch(self, gen, device, mem_format):
+    def batch(self, gen, device, mem_format, n):
         cfg = self.config
-        idx = torch.multinomial(self.weights, cfg.batch_size, replacement=True, generator=gen)
+        idx = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         x = augment_batch(self.x[idx], self.alpha[idx], flip=cfg.flip, jitter=cfg.jitter, generator=gen)
         return x.to(device).contiguous(memory_format=mem_format), self.c[idx].to(device)
 
@@ -729,8 +796,9 @@ class _RunState:
     """Where a run stands (step, loss history, training seconds) and its files: checkpoint.pt,
     history.json and snapshots. A checkpoint holds everything needed to continue bit-exactly."""
 
-    def __init__(self, out_dir, config, data, device):
+    def __init__(self, out_dir, config, data, device, rank=0, world=1):
         self.out_dir, self.config, self.data, self.device = Path(out_dir), config, data, device
+        self.rank, self.world = rank, world
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.step, self.history, self.saved_step = 0, [], "none yet"
         self.t_start = time.time()
@@ -746,31 +814,38 @@ class _RunState:
         if ck.get("data_sha256", self.data.digest) != self.data.digest:
             changed.append(f"--data: the checkpoint trained on {ck.get('data_path')}, now {self.data.path} "
                            "(different contents)")
+        if ck.get("world_size", 1) != self.world:
+            changed.append(f"{ck.get('world_size', 1)} process(es) in the checkpoint, now {self.world} (each draws "
+                           "its own part of every batch)")
         if changed:
             raise ValueError("--resume: the checkpoint was made with other settings: " + "; ".join(changed)
                              + ". Resume with the same settings, or start a new run in another --out.")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
+        gen.set_state(ck.get("generators", [ck["generator"]])[self.rank])
         torch.set_rng_state(ck["rng"]["torch"])
         self.step, self.history, self.saved_step = ck["step"], list(ck["history"]), ck["step"]
         self.t_start = time.time() - ck.get("train_seconds", 0.0)
 
-    def save_checkpoint(self, model, ema, opt, gen):
+    def save_checkpoint(self, model, ema, opt, generator_states):
+        if self.rank > 0:  # every process holds the same weights; one writes them
+            self.saved_step = self.step
+            return
         seconds = time.time() - self.t_start
         save_atomic({"config": self.config.__dict__, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                     "optimizer": opt.state_dict(), "generator": generator_states[0],
+                     "generators": generator_states, "world_size": self.world,
                      "rng": {"torch": torch.get_rng_state()}, "step": self.step, "history": self.history,
                      "train_seconds": seconds, "data_path": str(self.data.path), "data_sha256": self.data.digest,
-                     "model_args": model_args(model)},
+                     "model_args": model_args(model), "class_names": self.data.class_names},
                     self.ckpt_path)
         (self.out_dir / "history.json").write_text(json.dumps({"loss": self.history, "train_seconds": seconds,
                                                                "device": describe_device(self.device)}))
         self.saved_step = self.step
 
     def save_snapshot(self, ema_model):
-        save_atomic({**weights_file(ema_model, half=True), "step": self.step,
+        save_atomic({**weights_file(ema_model, half=True), "step": self.step, "class_names": self.data.class_names,
                      "train_seconds": time.time() - self.t_start}, self.out_dir / f"snap_{self.step:06d}.pt")
 
 

@@ -2,7 +2,8 @@
 
     course_tools.metrics   SpriteClassifier, sprite-FID / KID, memorisation, the evaluation tables
     course_tools.manifest  weights/manifest.json: sha256, how each file was made, its headline numbers
-    course_tools.cli       `python diffusion_utilities.py train|sample|export|train-classifier|evaluate`
+    course_tools.dataset   your own images as a dataset (make-dataset)
+    course_tools.cli       `python diffusion_utilities.py train|sample|export|train-classifier|evaluate|make-dataset`
 
 It imports diffusion_utilities (the course) and is never imported by it, except lazily by
 `load_pretrained`, which reads the manifest.

@@ -1,4 +1,6 @@
-"""The command line: `python diffusion_utilities.py train|sample|export|train-classifier|evaluate --help`.
+"""The command line: `python diffusion_utilities.py train|sample|export|train-classifier|evaluate|make-dataset --help`.
+
+`train` also runs data-parallel under torchrun (see diffusion_utilities._distributed).
 
 Nothing here writes under weights/ unless told to with --to-weights.
 """
@@ -79,9 +81,10 @@ def _cmd_sample(args):
     if args.sampler == "ddpm" and args.steps is not None:
         raise SystemExit("sample: --steps sets DDIM's step count; DDPM always takes all 500 steps "
                          "(drop --steps, or use --sampler ddim)")
-    classes = [_class_id(c) for c in args.classes]
     device = torch.device(args.device) if args.device else get_device()
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
+    names = _class_names(args.weights, model)
+    classes = [_class_id(c, names) for c in (args.classes or names)]
     schedule = make_schedule(500)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator().manual_seed(args.seed)
@@ -98,12 +101,21 @@ def _cmd_sample(args):
         print(f"wrote {args.gif}")
 
 
-def _class_id(name):
-    if name.isdigit() and int(name) < len(CLASS_NAMES):
+def _class_id(name, names):
+    if name.isdigit() and int(name) < len(names):
         return int(name)
-    if name not in CLASS_NAMES:
-        raise SystemExit(f"unknown class {name!r}; choose from {', '.join(CLASS_NAMES)} (or 0..4)")
-    return CLASS_NAMES.index(name)
+    if name not in names:
+        raise SystemExit(f"unknown class {name!r}; choose from {', '.join(names)} (or 0..{len(names) - 1})")
+    return names.index(name)
+
+
+def _class_names(weights_path, model):
+    """The model's class names: recorded in files our training writes; ids as names for other files."""
+    if weights_path is None:
+        return list(CLASS_NAMES)
+    saved = torch.load(weights_path, map_location="cpu", weights_only=True)
+    names = saved.get("class_names") if isinstance(saved, dict) else None
+    return [str(n) for n in names] if names else [str(i) for i in range(model.n_cfeat)]
 
 
 def _destination(path, to_weights, command):
@@ -115,6 +127,25 @@ def _destination(path, to_weights, command):
         raise SystemExit(f"{command}: {path} is inside the shipped weights/; pass --to-weights to replace "
                          "what ships, or choose another folder")
     return path
+
+
+def _cmd_make_dataset(args):
+    from course_tools.dataset import make_dataset, summary, write_dataset
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise SystemExit(f"make-dataset: --out {out} must end in .npz")
+    if out.resolve() == Path(DATA_FILE).resolve():
+        raise SystemExit(f"make-dataset: {out} is the course's sprite set; choose another name, e.g. data/mine.npz")
+    data, report = make_dataset(args.folder, size=args.size, fit=args.fit)
+    write_dataset(data, out)
+    sheet = out.with_name(out.stem + "_sheet.png")
+    labels = data["labels"]
+    first = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(len(data["class_names"]))])
+    save_grid_png(to_tensor_images(data["images"][first]), sheet, nrow=8, scale=max(1, 64 // data["images"].shape[1]))
+    print(summary(data, report))
+    print(f"wrote {out} and a contact sheet (up to 8 per class, one class after another) {sheet}")
+    print(f"train on it: python diffusion_utilities.py train --data {out} --out runs/{out.stem}")
 
 
 def _cmd_export(args):
@@ -293,7 +324,8 @@ def main(argv=None):
                         description="Sample sprites for chosen classes; one row per class.")
     sa.add_argument("--out", default="outputs/samples.png")
     sa.add_argument("--gif", default=None, help="also write the denoising animation here")
-    sa.add_argument("--classes", nargs="+", default=CLASS_NAMES, help="class names or ids, one row block each")
+    sa.add_argument("--classes", nargs="+", default=None,
+                    help="class names or ids, one row each (default: every class the model knows)")
     sa.add_argument("--per-class", type=int, default=8)
     sa.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     sa.add_argument("--steps", type=int, default=None, help="DDIM steps (1..500, default 25)")
@@ -330,6 +362,17 @@ def main(argv=None):
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--data", default=str(DATA_FILE))
     tc.set_defaults(func=_cmd_train_classifier)
+
+    md = sub.add_parser("make-dataset", help="turn a folder of images (one subfolder per class) into a dataset",
+                        description="Read DIR/<class>/<image> (PNG, JPEG, WebP), composite over white, pad or crop "
+                                    "to a square, resize (crisp for pixel art), drop exact duplicates and write an "
+                                    ".npz like data/sprites16.npz, with a contact sheet beside it.")
+    md.add_argument("folder", help="a folder with one subfolder of images per class")
+    md.add_argument("--size", type=int, default=16, help="image size in pixels, a multiple of 4 (default 16)")
+    md.add_argument("--out", default="data/mine.npz")
+    md.add_argument("--fit", choices=["pad", "crop"], default="pad",
+                    help="make non-square images square by padding (default) or cropping the centre")
+    md.set_defaults(func=_cmd_make_dataset)
 
     ev = sub.add_parser("evaluate", help="write the quality tables (sprite-FID, KID, accuracy, memorisation)",
                         description="Measure a sprite model: sprite-FID and KID against the real-vs-real floor, "
