@@ -110,12 +110,13 @@ def _class_id(name, names):
 
 
 def _class_names(weights_path, model):
-    """The model's class names: recorded in files our training writes; ids as names for other files."""
-    if weights_path is None:
-        return list(CLASS_NAMES)
-    saved = torch.load(weights_path, map_location="cpu", weights_only=True)
+    """The model's class names: recorded in files our training writes; for other files the sprites' names
+    when the model has their 5 classes, else the ids "0", "1", ..."""
+    saved = torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else {}
     names = saved.get("class_names") if isinstance(saved, dict) else None
-    return [str(n) for n in names] if names else [str(i) for i in range(model.n_cfeat)]
+    if names:
+        return [str(n) for n in names]
+    return list(CLASS_NAMES) if model.n_cfeat == len(CLASS_NAMES) else [str(i) for i in range(model.n_cfeat)]
 
 
 def _destination(path, to_weights, command):
@@ -159,7 +160,9 @@ def _cmd_export(args):
                          f"`python diffusion_utilities.py train --out {run} --resume` (and the same settings)")
     made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
             "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"),
-            "args": {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}}
+            "args": ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}}
+    if ck.get("class_names"):
+        made["class_names"] = list(ck["class_names"])
     wdir.mkdir(parents=True, exist_ok=True)
     loss = np.asarray(hist["loss"])
     k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps

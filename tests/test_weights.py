@@ -35,7 +35,9 @@ def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
     manifest = cman.read_manifest(wdir)
     assert set(manifest) == {"tiny", "tiny_step000002"}
     assert manifest["tiny"]["step"] == 3 and manifest["tiny"]["train_minutes"] >= 0
-    assert manifest["tiny"]["args"] == {"n_feat": 8, "norm": "batch", "prediction": "v"}
+    assert manifest["tiny"]["args"] == {"in_channels": 3, "n_feat": 8, "n_cfeat": 5, "height": 16, "norm": "batch",
+                                        "prediction": "v"}  # the whole architecture: other data sets differ
+    assert manifest["tiny"]["class_names"] == du.CLASS_NAMES
     assert "train --steps 3 --seed 0" in manifest["tiny"]["command"]
     ema, _ = du.read_weights(tmp_path / "run" / "ema.pt")
     loaded = du.load_pretrained("tiny", "cpu", weights_dir=wdir).state_dict()
