@@ -1,13 +1,15 @@
 """diffusion_utilities.py: the course's code, in the order the notebooks teach it.
 
+    Data        the sprites, contexts             load_sprites, to_tensor_images, one_hot
+    Devices     where the network runs            get_device, fast_settings (bf16 on CPUs that have it)
     Notebook 1  Noise schedule, forward process   make_schedule, perturb_input, predict_x0
     Notebook 2  Model                             ContextUnet (eps- or v-prediction)
     Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA, train
     Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
-    Notebook 5  Context and guidance              predict_noise (classifier-free guidance), one_hot
+    Notebook 5  Context and guidance              predict_noise (classifier-free guidance)
     Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
-    Appendix    data, pictures, devices, weights  load_sprites, show_images, plot_sample, load_pretrained
+    Appendix    pictures, weights                 show_images, plot_sample, animation_html, load_pretrained
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
 0..T, where x_0 is a clean image and x_T is (almost) pure noise; the network is given t / T.
@@ -17,14 +19,13 @@ for "no context". Nothing here reads notebook globals: every function takes what
 The names follow DeepLearning.AI's "How Diffusion Models Work" (perturb_input, denoise_add_noise,
 denoise_ddim, ContextUnet, sample_ddpm, sample_ddim), with that course's bugs fixed: the forward
 process has its square root, the residual shortcut is a trained layer, DDIM works for any step count.
-Tooling that no lesson reads (metrics, the weights manifest, the command line) lives in course_tools/;
+Tooling that no lesson reads (metrics, the weights manifest, checkpoints and locks, the command line) lives in course_tools/;
 `python diffusion_utilities.py train|sample|export|evaluate --help` still works.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import time
@@ -41,6 +42,217 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parent
 DATA_FILE = ROOT / "data" / "sprites16.npz"
 WEIGHTS_DIR = ROOT / "weights"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the sprites (shown from notebook 1 on) and their labels as context vectors
+# ---------------------------------------------------------------------------------------------
+
+CLASS_NAMES = ["hero", "non-hero", "food", "spell", "item"]
+
+
+def _resolve_data_path(path):
+    """A relative path that does not exist from here is looked up beside this module (notebooks/ runs)."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (ROOT / path).exists():
+        path = ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(
+            f"sprite file not found: {path}. It ships with the course as data/sprites16.npz; "
+            "clone the whole repository, or rebuild it with `bash data/download_crawl.sh && "
+            "python data/build_sprites.py`.")
+    return path
+
+
+def load_sprites(path="data/sprites16.npz"):
+    """The sprite dataset: (images, labels, class_names).
+
+    images: uint8 (N, 16, 16, 3) RGB on white; labels: int64 (N,) in 0..4;
+    class_names: list of 5 str (hero, non-hero, food, spell, item).
+    """
+    images, labels, _, class_names = _read_sprites(path)
+    return images, labels, class_names
+
+
+def _read_sprites(path):
+    """(images, labels int64, alpha, class_names) from a dataset file, checked; see load_sprites."""
+    path = _resolve_data_path(path)
+    try:
+        with np.load(path) as d:
+            missing = sorted({"images", "labels", "class_names", "alpha"} - set(d.files))
+            if missing:
+                raise ValueError(f"{path} is not a sprite dataset: it lacks {missing} (has {sorted(d.files)})")
+            images, labels, alpha = d["images"], d["labels"], d["alpha"]
+            class_names = [str(s) for s in d["class_names"]]
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated or not an npz file
+        raise ValueError(f"{path} cannot be read as a dataset (.npz): {err}. Rebuild it, or restore it with "
+                         "`git checkout -- data/`") from None
+    _check_dataset(path, images, labels, alpha, class_names)
+    return images, labels.astype(np.int64), alpha, class_names
+
+
+def _check_dataset(path, images, labels, alpha, class_names):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{path}: images must be uint8 pixels of shape (N, H, H, 3), got {images.dtype} "
+                         f"{images.shape} (float images in [0, 1] would train on black: multiply by 255 first)")
+    n = len(images)
+    if n < 2 or labels.shape != (n,) or alpha.shape != images.shape[:3]:
+        raise ValueError(f"{path}: need at least 2 images with one label and one alpha map each; got {n} images, "
+                         f"labels {labels.shape}, alpha {alpha.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(f"{path}: labels must be integers in 0..{len(class_names) - 1} (one per class name)")
+
+
+def to_tensor_images(images):
+    """uint8 (N, H, W, 3) in 0..255 -> float (N, 3, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3), got {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _hue_rotation(angle):
+    """(B, 3, 3) matrices that rotate RGB colours about the grey axis by angle (radians, (B,))."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    k = 1 / 3
+    r = math.sqrt(k)
+    m = torch.empty(len(angle), 3, 3)
+    # Rodrigues' rotation about the unit vector (1, 1, 1)/sqrt(3).
+    for i in range(3):
+        for j in range(3):
+            cross = 0.0 if i == j else (r if (j - i) % 3 == 2 else -r)
+            m[:, i, j] = cos * (1.0 if i == j else 0.0) + k * (1 - cos) + sin * cross
+    return m
+
+
+def augment_batch(images, alpha=None, flip=True, jitter=0.0, generator=None):
+    """Random flips and colour jitter for a batch of sprites; returns float (B, 3, H, W) in [-1, 1].
+
+    images: uint8 (B, 3, H, W); alpha: uint8 (B, 1, H, W) sprite coverage, needed for jitter.
+    flip: mirror left-right with probability 0.5. jitter in [0, 1]: hue rotation up to jitter*30
+    degrees, saturation and brightness scaled by up to 1 +- jitter*0.2 (jitter=0.3 is mild). The
+    jitter is applied to the sprite's own colour, recovered with alpha, and composited back on white,
+    so the background stays exactly white.
+    """
+    x = images.float() / 255.0
+    B = x.shape[0]
+    if jitter > 0:
+        if alpha is None:
+            raise ValueError("colour jitter needs the sprites' alpha channel to keep the background white")
+        a = alpha.float() / 255.0
+        colour = ((x - (1 - a)) / a.clamp(min=1e-3)).clamp(0, 1)  # undo "over white"
+        u = torch.rand(B, 3, generator=generator) * 2 - 1
+        rot = _hue_rotation(u[:, 0] * jitter * math.pi / 6)
+        colour = torch.einsum("bij,bjhw->bihw", rot, colour)
+        grey = colour.mean(1, keepdim=True)
+        colour = grey + (colour - grey) * (1 + 0.2 * jitter * u[:, 1]).view(B, 1, 1, 1)
+        colour = (colour * (1 + 0.2 * jitter * u[:, 2]).view(B, 1, 1, 1)).clamp(0, 1)
+        x = a * colour + (1 - a)
+    if flip:
+        mirror = torch.rand(B, generator=generator) < 0.5
+        x = torch.where(mirror.view(B, 1, 1, 1), x.flip(-1), x)
+    return x * 2 - 1
+
+
+def one_hot(labels, n_cfeat=5):
+    """Integer class ids (B,) -> float one-hot contexts (B, n_cfeat)."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_cfeat):
+        raise ValueError(f"class ids must lie in 0..{n_cfeat - 1}, got {int(labels.min())}..{int(labels.max())}")
+    return F.one_hot(labels.long(), n_cfeat).float()
+
+
+class SpriteDataset(Dataset):
+    """The sprites as a torch Dataset of (image (3, 16, 16) float in [-1, 1], one-hot context (5,)).
+
+    augment=True applies a random horizontal flip and, with jitter > 0, a mild colour jitter of the
+    sprite only (see augment_batch). indices selects a subset (e.g. a train/test split).
+    """
+
+    def __init__(self, path="data/sprites16.npz", augment=False, jitter=0.0, indices=None):
+        images, labels, alpha, self.class_names = _read_sprites(path)
+        if indices is not None:
+            images, labels, alpha = images[indices], labels[indices], alpha[indices]
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
+        self.labels = torch.from_numpy(labels)
+        self.augment, self.jitter = augment, jitter
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        i = int(i)
+        x = augment_batch(self.images[i:i + 1], self.alpha[i:i + 1], flip=self.augment,
+                          jitter=self.jitter if self.augment else 0.0)[0]
+        return x, one_hot(self.labels[i:i + 1], len(self.class_names))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: where the network runs, and how fast on a CPU
+# ---------------------------------------------------------------------------------------------
+
+def get_device():
+    """The best available device: cuda, then Apple's mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def describe_device(device):
+    """A short description of the hardware, for manifests and benchmark tables."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        import platform
+        name = platform.processor() or name
+    bf16 = ", native bf16" if cpu_supports_bf16() else ""
+    return f"{name}, {torch.get_num_threads()} threads{bf16}"
+
+
+def autocast_context(device, dtype):
+    """torch.autocast for dtype (e.g. torch.bfloat16) on device, or a no-op when dtype is None."""
+    device = torch.device(device)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def cpu_supports_bf16():
+    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), where autocast pays.
+
+    Elsewhere bf16 autocast on a CPU is emulated and slower than fp32, so the course stays in fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_settings(device):
+    """(amp_dtype, memory_format) that train fastest on device without hurting quality.
+
+    channels_last + bf16 autocast trained ~1.9x faster than fp32 on an AVX512-BF16 CPU with the
+    same loss curve; on CPUs without native bf16 we keep fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else None), torch.channels_last
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16, torch.channels_last
+    return None, torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,16 +544,6 @@ def count_parameters(model):
 # Notebook 3. Training
 # ---------------------------------------------------------------------------------------------
 
-def one_hot(labels, n_cfeat=5):
-    """Integer class ids (B,) -> float one-hot contexts (B, n_cfeat)."""
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D tensor of integer class ids, got {labels.dtype} {tuple(labels.shape)}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_cfeat):
-        raise ValueError(f"class ids must lie in 0..{n_cfeat - 1}, got {int(labels.min())}..{int(labels.max())}")
-    return F.one_hot(labels.long(), n_cfeat).float()
-
-
 def snr(schedule):
     """Signal-to-noise ratio of x_t at every step: ab_t / (1 - ab_t), shape (T + 1,) (inf at t = 0)."""
     return schedule.ab_t / (1 - schedule.ab_t)
@@ -425,14 +627,6 @@ def diffusion_loss(model, x, c, schedule, drop_prob=0.1, generator=None, *, snr_
     return (weight * per_image).mean()
 
 
-def autocast_context(device, dtype):
-    """torch.autocast for dtype (e.g. torch.bfloat16) on device, or a no-op when dtype is None."""
-    device = torch.device(device)
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def train_step(model, optimizer, x, c, schedule, drop_prob=0.1, generator=None, amp_dtype=None, **loss_options):
     """One optimiser step on one batch; returns the loss as a float.
 
@@ -488,32 +682,6 @@ def lr_at(step, total_steps, lr=1e-3, lr_min=5e-5, warmup=200):
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * progress))
-
-
-def cpu_supports_bf16():
-    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), where autocast pays.
-
-    Elsewhere bf16 autocast on a CPU is emulated and slower than fp32, so the course stays in fp32.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def fast_settings(device):
-    """(amp_dtype, memory_format) that train fastest on device without hurting quality.
-
-    channels_last + bf16 autocast trained ~1.9x faster than fp32 on an AVX512-BF16 CPU with the
-    same loss curve; on CPUs without native bf16 we keep fp32.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else None), torch.channels_last
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16, torch.channels_last
-    return None, torch.contiguous_format
 
 
 @dataclass
@@ -584,58 +752,6 @@ def class_sampling_weights(labels, power=0.5):
     return w / w.sum()
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class RunLock:
-    """out_dir/LOCK, holding the owner's process id, for as long as a training runs in out_dir.
-
-    A second training on the same folder stops at once with a message naming the first, instead of
-    both writing the same checkpoint. A lock left by a process that no longer runs is taken over.
-    """
-
-    def __init__(self, out_dir):
-        self.path = Path(out_dir) / "LOCK"
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _process_alive(pid):
-                    raise RuntimeError(f"{self.path.parent} is in use by training process {pid}; wait for it to "
-                                       "finish, stop it, or choose another output folder") from None
-                self.path.unlink(missing_ok=True)  # stale: its process has gone
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return self
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, device=None,
           progress=True, callback=None, stop_at=None):
     """Train a ContextUnet on the sprites. Returns the list of per-step losses (whole run).
@@ -648,66 +764,25 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
     time budget) or stop_at (a step) stops early, after saving a checkpoint, so a run can be split
     over sessions.
     callback(step, loss) is called after each step (a notebook's live loss plot).
-    A LOCK file (see RunLock) keeps a second training out of out_dir while this one runs.
-    Under torchrun it trains data-parallel: see _distributed.
+    A LOCK file (course_tools.runs.RunLock) keeps a second training out of out_dir while this one runs.
+    Under torchrun it trains data-parallel: see course_tools.runs.distributed.
     """
     import contextlib
+
+    from course_tools.runs import RunLock  # run plumbing: tooling, imported only when a run starts
 
     lock = RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
         return _train(config, Path(out_dir), data_path, resume, minutes, device, progress, callback, stop_at)
 
 
-def _distributed(device):
-    """(rank, world size, device) for data-parallel training under torchrun; (0, 1, device) otherwise.
-
-    torchrun starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; each process joins
-    the group (gloo on CPUs, NCCL on GPUs) and draws its own part of every batch (batch_size / world size)
-    with its own generator; DistributedDataParallel averages the gradients, so the global batch and the
-    learning rate mean what they mean in one process. BatchNorm: on GPUs it becomes SyncBatchNorm (whole-
-    batch statistics); on CPUs each process normalises with its own part's statistics (gloo has no
-    SyncBatchNorm), and the running statistics are rank 0's; GroupNorm (--norm group) is unaffected.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def _all_mean(value, world):
-    """The mean of a float over all processes (the value itself in one process)."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / world
-
-
-def _all_generator_states(gen, world):
-    """Every process's generator state, in rank order (a checkpoint holds them all)."""
-    if world == 1:
-        return [gen.get_state()]
-    import torch.distributed as dist
-
-    states = [None] * world
-    dist.all_gather_object(states, gen.get_state())
-    return states
-
-
 def _train(config, out_dir, data_path, resume, minutes, device, progress, callback, stop_at):
     from tqdm.auto import tqdm
 
+    from course_tools.runs import RunState, all_generator_states, all_mean, distributed, save_atomic
+
     device = torch.device(device) if device is not None else get_device()
-    rank, world, device = _distributed(device)
+    rank, world, device = distributed(device)
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must divide evenly over {world} processes")
     amp_dtype, mem_format = fast_settings(device)
@@ -727,7 +802,7 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
     loss_options = {"snr_gamma": config.snr_gamma, "input_perturbation": config.input_perturbation,
                     "t_probs": (None if config.t_sampling == "uniform"
                                 else timestep_probabilities(schedule.to("cpu"), config.t_sampling))}
-    run = _RunState(out_dir, config, data, device, rank, world)
+    run = RunState(out_dir, config, data, device, rank, world)
     if resume:
         run.resume(model, ema, opt, gen)
     deadline = time.time() + 60 * minutes if minutes is not None else None
@@ -737,7 +812,7 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
             group["lr"] = lr_at(run.step, config.steps, config.lr, config.lr_min, config.warmup)
         x, c = data.batch(gen, device, mem_format, config.batch_size // world)          # 1. a batch of sprites
         loss = train_step(net, opt, x, c, schedule, config.drop_prob, gen, amp_dtype, **loss_options)  # 2. a step
-        loss = _all_mean(loss, world)
+        loss = all_mean(loss, world)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {run.step + 1}; training stopped. The last good "
                                      f"checkpoint ({run.saved_step}) is kept in {run.ckpt_path}; try a lower --lr")
@@ -751,10 +826,10 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
             callback(run.step, loss)
         if run.step in config.snapshot_steps and rank == 0:                             # 4. snapshots, checkpoints
             run.save_snapshot(ema.model)
-        late = _all_mean(deadline is not None and time.time() > deadline, world) > 0 if deadline else False
+        late = all_mean(deadline is not None and time.time() > deadline, world) > 0 if deadline else False
         stop = run.step < config.steps and (late or run.step == stop_at)
         if run.step % config.checkpoint_every == 0 or run.step == config.steps or stop:
-            run.save_checkpoint(model, ema, opt, _all_generator_states(gen, world))
+            run.save_checkpoint(model, ema, opt, all_generator_states(gen, world))
         if stop:
             break
     bar.close()
@@ -790,63 +865,6 @@ class _TrainingData:
         idx = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         x = augment_batch(self.x[idx], self.alpha[idx], flip=cfg.flip, jitter=cfg.jitter, generator=gen)
         return x.to(device).contiguous(memory_format=mem_format), self.c[idx].to(device)
-
-
-class _RunState:
-    """Where a run stands (step, loss history, training seconds) and its files: checkpoint.pt,
-    history.json and snapshots. A checkpoint holds everything needed to continue bit-exactly."""
-
-    def __init__(self, out_dir, config, data, device, rank=0, world=1):
-        self.out_dir, self.config, self.data, self.device = Path(out_dir), config, data, device
-        self.rank, self.world = rank, world
-        self.ckpt_path = self.out_dir / "checkpoint.pt"
-        self.step, self.history, self.saved_step = 0, [], "none yet"
-        self.t_start = time.time()
-
-    def resume(self, model, ema, opt, gen):
-        if not self.ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}; start without --resume")
-        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-        # Only the length may change on resume (to train longer or stop sooner); the learning-rate
-        # schedule is then re-planned from the current step.
-        changed = [f"{k}={ck['config'].get(k)!r} in the checkpoint, now {v!r}"
-                   for k, v in self.config.__dict__.items() if k != "steps" and ck["config"].get(k) != v]
-        if ck.get("data_sha256", self.data.digest) != self.data.digest:
-            changed.append(f"--data: the checkpoint trained on {ck.get('data_path')}, now {self.data.path} "
-                           "(different contents)")
-        if ck.get("world_size", 1) != self.world:
-            changed.append(f"{ck.get('world_size', 1)} process(es) in the checkpoint, now {self.world} (each draws "
-                           "its own part of every batch)")
-        if changed:
-            raise ValueError("--resume: the checkpoint was made with other settings: " + "; ".join(changed)
-                             + ". Resume with the same settings, or start a new run in another --out.")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck.get("generators", [ck["generator"]])[self.rank])
-        torch.set_rng_state(ck["rng"]["torch"])
-        self.step, self.history, self.saved_step = ck["step"], list(ck["history"]), ck["step"]
-        self.t_start = time.time() - ck.get("train_seconds", 0.0)
-
-    def save_checkpoint(self, model, ema, opt, generator_states):
-        if self.rank > 0:  # every process holds the same weights; one writes them
-            self.saved_step = self.step
-            return
-        seconds = time.time() - self.t_start
-        save_atomic({"config": self.config.__dict__, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": generator_states[0],
-                     "generators": generator_states, "world_size": self.world,
-                     "rng": {"torch": torch.get_rng_state()}, "step": self.step, "history": self.history,
-                     "train_seconds": seconds, "data_path": str(self.data.path), "data_sha256": self.data.digest,
-                     "model_args": model_args(model), "class_names": self.data.class_names},
-                    self.ckpt_path)
-        (self.out_dir / "history.json").write_text(json.dumps({"loss": self.history, "train_seconds": seconds,
-                                                               "device": describe_device(self.device)}))
-        self.saved_step = self.step
-
-    def save_snapshot(self, ema_model):
-        save_atomic({**weights_file(ema_model, half=True), "step": self.step, "class_names": self.data.class_names,
-                     "train_seconds": time.time() - self.t_start}, self.out_dir / f"snap_{self.step:06d}.pt")
 
 
 def model_args(model):
@@ -1275,142 +1293,6 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
 
 
 # ---------------------------------------------------------------------------------------------
-# Appendix. Data
-# ---------------------------------------------------------------------------------------------
-
-CLASS_NAMES = ["hero", "non-hero", "food", "spell", "item"]
-
-
-def _resolve_data_path(path):
-    """A relative path that does not exist from here is looked up beside this module (notebooks/ runs)."""
-    path = Path(path)
-    if not path.exists() and not path.is_absolute() and (ROOT / path).exists():
-        path = ROOT / path
-    if not path.exists():
-        raise FileNotFoundError(
-            f"sprite file not found: {path}. It ships with the course as data/sprites16.npz; "
-            "clone the whole repository, or rebuild it with `bash data/download_crawl.sh && "
-            "python data/build_sprites.py`.")
-    return path
-
-
-def load_sprites(path="data/sprites16.npz"):
-    """The sprite dataset: (images, labels, class_names).
-
-    images: uint8 (N, 16, 16, 3) RGB on white; labels: int64 (N,) in 0..4;
-    class_names: list of 5 str (hero, non-hero, food, spell, item).
-    """
-    images, labels, _, class_names = _read_sprites(path)
-    return images, labels, class_names
-
-
-def _read_sprites(path):
-    """(images, labels int64, alpha, class_names) from a dataset file, checked; see load_sprites."""
-    path = _resolve_data_path(path)
-    try:
-        with np.load(path) as d:
-            missing = sorted({"images", "labels", "class_names", "alpha"} - set(d.files))
-            if missing:
-                raise ValueError(f"{path} is not a sprite dataset: it lacks {missing} (has {sorted(d.files)})")
-            images, labels, alpha = d["images"], d["labels"], d["alpha"]
-            class_names = [str(s) for s in d["class_names"]]
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated or not an npz file
-        raise ValueError(f"{path} cannot be read as a dataset (.npz): {err}. Rebuild it, or restore it with "
-                         "`git checkout -- data/`") from None
-    _check_dataset(path, images, labels, alpha, class_names)
-    return images, labels.astype(np.int64), alpha, class_names
-
-
-def _check_dataset(path, images, labels, alpha, class_names):
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"{path}: images must be uint8 pixels of shape (N, H, H, 3), got {images.dtype} "
-                         f"{images.shape} (float images in [0, 1] would train on black: multiply by 255 first)")
-    n = len(images)
-    if n < 2 or labels.shape != (n,) or alpha.shape != images.shape[:3]:
-        raise ValueError(f"{path}: need at least 2 images with one label and one alpha map each; got {n} images, "
-                         f"labels {labels.shape}, alpha {alpha.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(class_names):
-        raise ValueError(f"{path}: labels must be integers in 0..{len(class_names) - 1} (one per class name)")
-
-
-def to_tensor_images(images):
-    """uint8 (N, H, W, 3) in 0..255 -> float (N, 3, H, W) in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.dim() != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must have shape (N, H, W, 3), got {tuple(x.shape)}")
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _hue_rotation(angle):
-    """(B, 3, 3) matrices that rotate RGB colours about the grey axis by angle (radians, (B,))."""
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    k = 1 / 3
-    r = math.sqrt(k)
-    m = torch.empty(len(angle), 3, 3)
-    # Rodrigues' rotation about the unit vector (1, 1, 1)/sqrt(3).
-    for i in range(3):
-        for j in range(3):
-            cross = 0.0 if i == j else (r if (j - i) % 3 == 2 else -r)
-            m[:, i, j] = cos * (1.0 if i == j else 0.0) + k * (1 - cos) + sin * cross
-    return m
-
-
-def augment_batch(images, alpha=None, flip=True, jitter=0.0, generator=None):
-    """Random flips and colour jitter for a batch of sprites; returns float (B, 3, H, W) in [-1, 1].
-
-    images: uint8 (B, 3, H, W); alpha: uint8 (B, 1, H, W) sprite coverage, needed for jitter.
-    flip: mirror left-right with probability 0.5. jitter in [0, 1]: hue rotation up to jitter*30
-    degrees, saturation and brightness scaled by up to 1 +- jitter*0.2 (jitter=0.3 is mild). The
-    jitter is applied to the sprite's own colour, recovered with alpha, and composited back on white,
-    so the background stays exactly white.
-    """
-    x = images.float() / 255.0
-    B = x.shape[0]
-    if jitter > 0:
-        if alpha is None:
-            raise ValueError("colour jitter needs the sprites' alpha channel to keep the background white")
-        a = alpha.float() / 255.0
-        colour = ((x - (1 - a)) / a.clamp(min=1e-3)).clamp(0, 1)  # undo "over white"
-        u = torch.rand(B, 3, generator=generator) * 2 - 1
-        rot = _hue_rotation(u[:, 0] * jitter * math.pi / 6)
-        colour = torch.einsum("bij,bjhw->bihw", rot, colour)
-        grey = colour.mean(1, keepdim=True)
-        colour = grey + (colour - grey) * (1 + 0.2 * jitter * u[:, 1]).view(B, 1, 1, 1)
-        colour = (colour * (1 + 0.2 * jitter * u[:, 2]).view(B, 1, 1, 1)).clamp(0, 1)
-        x = a * colour + (1 - a)
-    if flip:
-        mirror = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(mirror.view(B, 1, 1, 1), x.flip(-1), x)
-    return x * 2 - 1
-
-
-class SpriteDataset(Dataset):
-    """The sprites as a torch Dataset of (image (3, 16, 16) float in [-1, 1], one-hot context (5,)).
-
-    augment=True applies a random horizontal flip and, with jitter > 0, a mild colour jitter of the
-    sprite only (see augment_batch). indices selects a subset (e.g. a train/test split).
-    """
-
-    def __init__(self, path="data/sprites16.npz", augment=False, jitter=0.0, indices=None):
-        images, labels, alpha, self.class_names = _read_sprites(path)
-        if indices is not None:
-            images, labels, alpha = images[indices], labels[indices], alpha[indices]
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
-        self.labels = torch.from_numpy(labels)
-        self.augment, self.jitter = augment, jitter
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        i = int(i)
-        x = augment_batch(self.images[i:i + 1], self.alpha[i:i + 1], flip=self.augment,
-                          jitter=self.jitter if self.augment else 0.0)[0]
-        return x, one_hot(self.labels[i:i + 1], len(self.class_names))[0]
-
-
-# ---------------------------------------------------------------------------------------------
 # Appendix. Pictures
 # ---------------------------------------------------------------------------------------------
 
@@ -1512,35 +1394,8 @@ def save_gif(ani, path, fps=5):
 
 
 # ---------------------------------------------------------------------------------------------
-# Appendix. Devices and weights
+# Appendix. Weights
 # ---------------------------------------------------------------------------------------------
-
-def get_device():
-    """The best available device: cuda, then Apple's mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def describe_device(device):
-    """A short description of the hardware, for manifests and benchmark tables."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        import platform
-        name = platform.processor() or name
-    bf16 = ", native bf16" if cpu_supports_bf16() else ""
-    return f"{name}, {torch.get_num_threads()} threads{bf16}"
-
 
 def load_state(path, device="cpu"):
     """A state_dict from a file, loaded safely (weights_only=True), floats as fp32."""

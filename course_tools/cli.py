@@ -26,6 +26,7 @@ from course_tools.metrics import (
     split_indices,
     train_classifier,
 )
+from course_tools.runs import save_atomic
 from diffusion_utilities import (
     CLASS_NAMES,
     DATA_FILE,
@@ -42,7 +43,6 @@ from diffusion_utilities import (
     plot_sample,
     sample_ddim,
     sample_ddpm,
-    save_atomic,
     save_gif,
     save_grid_png,
     to_tensor_images,

@@ -6,6 +6,7 @@ import torch
 from conftest import OracleUnet
 
 import diffusion_utilities as du
+from course_tools.runs import save_atomic
 
 
 class VOracle(OracleUnet):
@@ -166,7 +167,7 @@ def test_group_norm_and_zero_init():
 
 def test_load_model_reads_the_architecture(tmp_path):
     net = du.ContextUnet(n_feat=16, norm="group", prediction="v")
-    du.save_atomic(du.weights_file(net), tmp_path / "w.pt")
+    save_atomic(du.weights_file(net), tmp_path / "w.pt")
     back = du.load_model(tmp_path / "w.pt", "cpu")
     assert back.prediction == "v" and back.n_feat == 16 and du.model_args(back)["norm"] == "group"
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), net.state_dict().values()))

@@ -10,6 +10,7 @@ import torch
 import course_tools.cli as cli
 import course_tools.manifest as cman
 import diffusion_utilities as du
+from course_tools.runs import save_atomic
 
 
 def _shipped_state():
@@ -77,5 +78,5 @@ def test_checkpoint_temp_files_are_per_process(tmp_path, monkeypatch):
     names = []
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (names.append(str(f)), real_save(obj, f, *a, **k)))
-    du.save_atomic({"a": torch.ones(1)}, tmp_path / "ck.pt")
+    save_atomic({"a": torch.ones(1)}, tmp_path / "ck.pt")
     assert names == [str(tmp_path / f"ck.pt.{os.getpid()}.tmp")]

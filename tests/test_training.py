@@ -7,6 +7,7 @@ import torch
 
 import course_tools.cli as cli
 import diffusion_utilities as du
+from course_tools.runs import save_atomic
 
 
 def test_loss_is_noise_mse(schedule):
@@ -104,7 +105,7 @@ def test_resume_refuses_other_config_or_missing_checkpoint(tiny_npz, tmp_path):
 
 def test_save_atomic_never_leaves_a_broken_file(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
-    du.save_atomic({"a": torch.ones(3)}, path)
+    save_atomic({"a": torch.ones(3)}, path)
     real_save = torch.save
 
     def crash(obj, f, *args, **kwargs):
@@ -115,7 +116,7 @@ def test_save_atomic_never_leaves_a_broken_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        du.save_atomic({"a": torch.zeros(3)}, path)
+        save_atomic({"a": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
 
