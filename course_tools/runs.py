@@ -74,8 +74,8 @@ def distributed(device):
     the group (gloo on CPUs, NCCL on GPUs) and draws its own part of every batch (batch_size / world size)
     with its own generator; DistributedDataParallel averages the gradients, so the global batch and the
     learning rate mean what they mean in one process. BatchNorm: on GPUs it becomes SyncBatchNorm (whole-
-    batch statistics); on CPUs each process normalises with its own part's statistics (gloo has no
-    SyncBatchNorm), and the running statistics are rank 0's; GroupNorm (--norm group) is unaffected.
+    batch statistics); on CPUs each process normalises with its own part's statistics (PyTorch's
+    SyncBatchNorm takes GPU tensors only), and the running statistics are rank 0's; GroupNorm (--norm group) is unaffected.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
