@@ -280,12 +280,15 @@ class Schedule:
         return Schedule(self.b_t.to(device), self.a_t.to(device), self.ab_t.to(device))
 
 
-def make_schedule(timesteps=500, beta1=1e-4, beta2=0.02, kind="linear"):
+def make_schedule(timesteps=500, beta1=1e-4, beta2=0.02, kind="linear", *, terminal_signal=None):
     """A DDPM noise schedule with T = `timesteps` steps.
 
     kind="linear" (the course's): beta_t grows linearly from beta1 at t=0 to beta2 at t=T.
     kind="cosine" (Nichol & Dhariwal 2021): alpha-bar follows a squared cosine; beta1 and beta2
     are ignored. It destroys the image more gradually, which helps small images.
+    terminal_signal: rescale sqrt(ab_t) linearly so that sqrt(ab_0) stays 1 and sqrt(ab_T) becomes
+    this (the linear schedule leaves 0.079 of the image in x_T, which sampling from pure noise
+    ignores; Lin et al. 2024). Needs a model trained on the same schedule (benchmarks/terminal_snr.py).
     Computed in float64, stored as float32 tensors of shape (timesteps + 1,).
     """
     if not isinstance(timesteps, int) or timesteps < 1:
@@ -309,6 +312,14 @@ def make_schedule(timesteps=500, beta1=1e-4, beta2=0.02, kind="linear"):
         ab_t = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(a_t[1:], 0)])
     else:
         raise ValueError(f"kind must be 'linear' or 'cosine', got {kind!r}")
+    if terminal_signal is not None:
+        s, s_T = ab_t.sqrt(), float(ab_t[-1].sqrt())
+        if not (isinstance(terminal_signal, (int, float)) and 0 < terminal_signal < s_T):
+            raise ValueError(f"terminal_signal must lie in (0, {s_T:.3f}), the schedule's own sqrt(ab_T); "
+                             f"got {terminal_signal!r}")
+        ab_t = (terminal_signal + (s - s_T) * (1 - terminal_signal) / (1 - s_T)) ** 2
+        a_t = torch.cat([a_t[:1], ab_t[1:] / ab_t[:-1]])
+        b_t = torch.cat([b_t[:1], 1 - a_t[1:]])
     return Schedule(b_t.float(), a_t.float(), ab_t.float())
 
 
@@ -708,6 +719,7 @@ class TrainConfig:
     t_sampling: str = "uniform"
     input_perturbation: float = 0.0
     timesteps: int = 500
+    terminal_signal: float | None = None
     seed: int = 0
     flip: bool = True
     jitter: float = 0.0
@@ -738,6 +750,17 @@ class TrainConfig:
             bad("snr_gamma", "must be a finite number > 0, or None for no weighting")
         if self.warmup < 0 or self.ema_warmup < 1:
             bad("warmup" if self.warmup < 0 else "ema_warmup", "is out of range")
+        try:
+            make_schedule(self.timesteps, terminal_signal=self.terminal_signal)
+        except ValueError as err:
+            bad("terminal_signal", str(err).split(";")[0].replace("terminal_signal ", ""))
+
+    def schedule_args(self):
+        """make_schedule's arguments for this run; saved beside the weights, so samplers use the same."""
+        args = {"timesteps": self.timesteps}
+        if self.terminal_signal is not None:
+            args["terminal_signal"] = self.terminal_signal
+        return args
 
 
 def class_sampling_weights(labels, power=0.5):
@@ -788,7 +811,7 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
     amp_dtype, mem_format = fast_settings(device)
     data = _TrainingData(data_path, config)
     torch.manual_seed(config.seed)
-    schedule = make_schedule(config.timesteps).to(device)
+    schedule = make_schedule(**config.schedule_args()).to(device)
     model = ContextUnet(n_feat=config.n_feat, n_cfeat=data.n_classes, height=data.height, norm=config.norm,
                         prediction=config.prediction, zero_init=config.zero_init).to(device, memory_format=mem_format)
     net = model
@@ -834,7 +857,8 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
             break
     bar.close()
     if run.step >= config.steps and rank == 0:
-        save_atomic({**weights_file(ema.model), "class_names": data.class_names}, out_dir / "ema.pt")
+        save_atomic({**weights_file(ema.model), "class_names": data.class_names, "schedule": config.schedule_args()},
+                    out_dir / "ema.pt")
     return run.history
 
 
@@ -1404,6 +1428,12 @@ def load_state(path, device="cpu"):
 
 def read_weights(path, device="cpu"):
     """(state_dict with floats as fp32, model_args dict or {}) from a weights file or a training checkpoint."""
+    state, args, _ = _read_weights_file(path, device)
+    return state, args
+
+
+def _read_weights_file(path, device):
+    """read_weights, plus the make_schedule arguments the file records ({} for the course's default)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}. The course's weights ship in weights/ "
@@ -1414,6 +1444,7 @@ def read_weights(path, device="cpu"):
     except Exception as err:  # not a torch file, truncated, or pickled code that weights_only refuses
         raise ValueError(f"{path} is not a weights file or training checkpoint ({type(err).__name__}; files are "
                          "loaded weights only, so anything but tensors, including pickled code, is refused)") from None
+    schedule = state.get("schedule") or {} if isinstance(state, dict) else {}
     if isinstance(state, dict) and "model" in state and "ema" in state:  # a training checkpoint
         cfg = state.get("config", {})
         args = state.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
@@ -1422,7 +1453,7 @@ def read_weights(path, device="cpu"):
         state, args = state["state_dict"], state.get("model_args", {})
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds no model weights (a state_dict of tensors)")
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, args
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, args, dict(schedule)
 
 
 def load_model(path, device=None, **model_args):
@@ -1430,16 +1461,24 @@ def load_model(path, device=None, **model_args):
 
     The architecture is read from the file when it records one (ema.pt, snapshots, checkpoints);
     model_args (n_feat, n_cfeat, height, norm, prediction) override it, e.g. for a bare state_dict.
+    The noise schedule it was trained with goes to model.schedule_args (see model_schedule).
     """
     device = torch.device(device) if device is not None else get_device()
-    state, saved = read_weights(path, device)
+    state, saved, schedule = _read_weights_file(path, device)
     model = ContextUnet(**{**saved, **model_args})
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path} does not fit ContextUnet({', '.join(f'{k}={v!r}' for k, v in {**saved, **model_args}.items())})"
                          f": {str(err).splitlines()[0]}; pass the architecture it was trained with (e.g. n_feat=...)") from None
+    model.schedule_args = schedule
     return model.to(device).eval()
+
+
+def model_schedule(model):
+    """The noise schedule a model was trained with: make_schedule(**model.schedule_args), which
+    load_model and load_pretrained fill in; the course's 500-step linear schedule when none is recorded."""
+    return make_schedule(**getattr(model, "schedule_args", {}))
 
 
 def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
@@ -1471,7 +1510,9 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
         model = SpriteClassifier(**entry.get("args", {}))
         model.load_state_dict(load_state(path, device))
         return model.to(device).eval()
-    return load_model(path, device, **entry.get("args", {}))
+    model = load_model(path, device, **entry.get("args", {}))
+    model.schedule_args = model.schedule_args or entry.get("schedule", {})
+    return model
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from diffusion_utilities import (
     load_pretrained,
     load_sprites,
     load_state,
-    make_schedule,
+    model_schedule,
     plot_sample,
     sample_ddim,
     sample_ddpm,
@@ -57,7 +57,8 @@ def _cmd_train(args):
                          prediction=args.prediction, zero_init=args.zero_init, snr_gamma=args.snr_gamma or None,
                          t_sampling=args.t_sampling, input_perturbation=args.input_perturbation,
                          jitter=args.jitter, class_balance=args.class_balance,
-                         snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every)
+                         snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every,
+                         terminal_signal=args.terminal_signal)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -85,7 +86,7 @@ def _cmd_sample(args):
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
     names = _class_names(args.weights, model)
     classes = [_class_id(c, names) for c in (args.classes or names)]
-    schedule = make_schedule(500)
+    schedule = model_schedule(model)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator().manual_seed(args.seed)
     if args.sampler == "ddpm":
@@ -163,6 +164,8 @@ def _cmd_export(args):
             "args": ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}}
     if ck.get("class_names"):
         made["class_names"] = list(ck["class_names"])
+    if ck.get("schedule"):
+        made["schedule"] = ck["schedule"]
     wdir.mkdir(parents=True, exist_ok=True)
     loss = np.asarray(hist["loss"])
     k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
@@ -223,14 +226,14 @@ def _cmd_evaluate(args):
     command = "python diffusion_utilities.py " + " ".join(args.argv)
     solvers = None
     if args.solver_calls:
-        solvers = compare_solvers(model, classifier, make_schedule(500), images, labels, n=args.n, seed=args.seed,
+        solvers = compare_solvers(model, classifier, model_schedule(model), images, labels, n=args.n, seed=args.seed,
                                   calls=tuple(args.solver_calls), amp_dtype=amp_dtype)
         solvers["command"] = command
     if args.only_solvers:
         _update_solvers(out, solvers)
         return
     snapshots = {name: load_pretrained(name, device) for name in args.snapshots}
-    res, samples, nn_idx, dist = evaluate(model, classifier, make_schedule(500), images, labels, test_idx,
+    res, samples, nn_idx, dist = evaluate(model, classifier, model_schedule(model), images, labels, test_idx,
                                           n=args.n, seed=args.seed, amp_dtype=amp_dtype,
                                           ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
                                           per_class=args.per_class, snapshots=snapshots)
@@ -312,6 +315,8 @@ def main(argv=None):
                     help="Min-SNR-gamma loss weighting; 0 turns it off (plain MSE)")
     tr.add_argument("--t-sampling", choices=["uniform", "lognormal"], default="uniform")
     tr.add_argument("--input-perturbation", type=float, default=0.0)
+    tr.add_argument("--terminal-signal", type=float, default=None,
+                    help="rescale the schedule so that sqrt(ab_T) is this (e.g. 0.004; the course's leaves 0.079)")
     tr.add_argument("--jitter", type=float, default=0.0, help="colour jitter strength, 0 = off")
     tr.add_argument("--class-balance", type=float, default=0.5,
                     help="draw class c with probability ~ n_c**this (1 = as in the data, 0 = balanced)")

@@ -158,7 +158,8 @@ class RunState:
                      "generators": generator_states, "world_size": self.world,
                      "rng": {"torch": torch.get_rng_state()}, "step": self.step, "history": self.history,
                      "train_seconds": seconds, "data_path": str(self.data.path), "data_sha256": self.data.digest,
-                     "model_args": model_args(model), "class_names": self.data.class_names},
+                     "model_args": model_args(model), "class_names": self.data.class_names,
+                     "schedule": self.config.schedule_args()},
                     self.ckpt_path)
         (self.out_dir / "history.json").write_text(json.dumps({"loss": self.history, "train_seconds": seconds,
                                                                "device": describe_device(self.device)}))
@@ -166,4 +167,5 @@ class RunState:
 
     def save_snapshot(self, ema_model):
         save_atomic({**weights_file(ema_model, half=True), "step": self.step, "class_names": self.data.class_names,
+                     "schedule": self.config.schedule_args(),
                      "train_seconds": time.time() - self.t_start}, self.out_dir / f"snap_{self.step:06d}.pt")

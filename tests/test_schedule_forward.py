@@ -98,3 +98,19 @@ def test_perturb_bad_shapes(schedule):
         du.perturb_input(torch.zeros(3, 4, 4), 1, torch.zeros(3, 4, 4), schedule)
     with pytest.raises(ValueError, match="same shape"):
         du.perturb_input(torch.zeros(1, 3, 4, 4), 1, torch.zeros(1, 3, 4, 5), schedule)
+
+
+def test_terminal_signal_rescales_the_schedule():
+    # Lin et al. 2024: sqrt(ab_t) mapped linearly so that sqrt(ab_0) = 1 and sqrt(ab_T) = the given value
+    base, new = du.make_schedule(500), du.make_schedule(500, terminal_signal=0.004)
+    s = base.ab_t.double().sqrt()
+    want = 0.004 + (s - s[-1]) * (1 - 0.004) / (1 - s[-1])
+    assert torch.allclose(new.ab_t.double().sqrt(), want, atol=1e-6)
+    assert float(new.ab_t[0]) == 1.0 and float(new.ab_t[-1].sqrt()) == pytest.approx(0.004, rel=1e-5)
+    assert bool((new.ab_t[1:] < new.ab_t[:-1]).all())
+    # the steps still multiply up to the new alpha-bar, as the DDPM sampler assumes
+    assert torch.allclose(torch.cumprod(new.a_t[1:].double(), 0), new.ab_t[1:].double(), rtol=1e-4)
+    assert torch.allclose(new.b_t[1:], 1 - new.a_t[1:], atol=1e-6)
+    for bad in (0.0, -0.1, 0.08, 1.0):
+        with pytest.raises(ValueError, match="terminal_signal must lie in"):
+            du.make_schedule(500, terminal_signal=bad)

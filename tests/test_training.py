@@ -132,3 +132,16 @@ def test_cli_train_then_resume(tiny_npz, tmp_path):
     cli.main(common + ["--resume"])
     assert torch.load(tmp_path / "cli" / "checkpoint.pt", weights_only=True)["step"] == 4
     assert (tmp_path / "cli" / "ema.pt").exists()
+
+
+def test_the_schedule_travels_with_the_model(tiny_npz, tmp_path):
+    cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1, terminal_signal=0.004, snapshot_steps=[1])
+    du.train(cfg, tmp_path / "r", data_path=tiny_npz, progress=False, device="cpu")
+    want = du.make_schedule(500, terminal_signal=0.004)
+    for name in ("ema.pt", "snap_000001.pt", "checkpoint.pt"):
+        model = du.load_model(tmp_path / "r" / name, "cpu")
+        assert model.schedule_args == {"timesteps": 500, "terminal_signal": 0.004}
+        assert torch.equal(du.model_schedule(model).ab_t, want.ab_t)
+    assert torch.equal(du.model_schedule(du.ContextUnet(n_feat=8)).ab_t, du.make_schedule(500).ab_t)
+    with pytest.raises(ValueError, match="--terminal-signal"):
+        du.TrainConfig(terminal_signal=0.5)
