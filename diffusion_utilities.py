@@ -9,7 +9,7 @@
     Notebook 5  Context and guidance              predict_noise (classifier-free guidance)
     Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
-    Appendix    pictures, weights                 show_images, plot_sample, animation_html, load_pretrained
+    Appendix    pictures, weights                 show_images, plot_sample, load_pretrained, model_schedule
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
 0..T, where x_0 is a clean image and x_T is (almost) pure noise; the network is given t / T.
