@@ -1,6 +1,6 @@
 """The command line: `python diffusion_utilities.py train|sample|export|train-classifier|evaluate|make-dataset --help`.
 
-`train` also runs data-parallel under torchrun (see diffusion_utilities._distributed).
+`train` also runs data-parallel under torchrun (see course_tools.runs.distributed).
 
 Nothing here writes under weights/ unless told to with --to-weights.
 """
