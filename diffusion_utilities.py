@@ -849,7 +849,7 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
             callback(run.step, loss)
         if run.step in config.snapshot_steps and rank == 0:                             # 4. snapshots, checkpoints
             run.save_snapshot(ema.model)
-        late = all_mean(deadline is not None and time.time() > deadline, world) > 0 if deadline else False
+        late = deadline is not None and all_mean(time.time() > deadline, world) > 0  # all processes agree
         stop = run.step < config.steps and (late or run.step == stop_at)
         if run.step % config.checkpoint_every == 0 or run.step == config.steps or stop:
             run.save_checkpoint(model, ema, opt, all_generator_states(gen, world))
