@@ -1433,7 +1433,8 @@ def read_weights(path, device="cpu"):
 
 
 def _read_weights_file(path, device):
-    """read_weights, plus the make_schedule arguments the file records ({} for the course's default)."""
+    """read_weights, plus what the file records beside the weights: {"schedule": make_schedule's arguments,
+    "class_names": [...]}, each only when present."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}. The course's weights ship in weights/ "
@@ -1444,7 +1445,7 @@ def _read_weights_file(path, device):
     except Exception as err:  # not a torch file, truncated, or pickled code that weights_only refuses
         raise ValueError(f"{path} is not a weights file or training checkpoint ({type(err).__name__}; files are "
                          "loaded weights only, so anything but tensors, including pickled code, is refused)") from None
-    schedule = state.get("schedule") or {} if isinstance(state, dict) else {}
+    extras = {k: state[k] for k in ("schedule", "class_names") if isinstance(state, dict) and state.get(k)}
     if isinstance(state, dict) and "model" in state and "ema" in state:  # a training checkpoint
         cfg = state.get("config", {})
         args = state.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
@@ -1453,7 +1454,7 @@ def _read_weights_file(path, device):
         state, args = state["state_dict"], state.get("model_args", {})
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds no model weights (a state_dict of tensors)")
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, args, dict(schedule)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, args, extras
 
 
 def load_model(path, device=None, **model_args):
@@ -1461,17 +1462,19 @@ def load_model(path, device=None, **model_args):
 
     The architecture is read from the file when it records one (ema.pt, snapshots, checkpoints);
     model_args (n_feat, n_cfeat, height, norm, prediction) override it, e.g. for a bare state_dict.
-    The noise schedule it was trained with goes to model.schedule_args (see model_schedule).
+    The noise schedule it was trained with goes to model.schedule_args (see model_schedule), its class
+    names, where the file records them, to model.class_names.
     """
     device = torch.device(device) if device is not None else get_device()
-    state, saved, schedule = _read_weights_file(path, device)
+    state, saved, extras = _read_weights_file(path, device)
     model = ContextUnet(**{**saved, **model_args})
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path} does not fit ContextUnet({', '.join(f'{k}={v!r}' for k, v in {**saved, **model_args}.items())})"
                          f": {str(err).splitlines()[0]}; pass the architecture it was trained with (e.g. n_feat=...)") from None
-    model.schedule_args = schedule
+    model.schedule_args = dict(extras.get("schedule", {}))
+    model.class_names = [str(n) for n in extras.get("class_names", [])]
     return model.to(device).eval()
 
 
@@ -1512,6 +1515,7 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
         return model.to(device).eval()
     model = load_model(path, device, **entry.get("args", {}))
     model.schedule_args = model.schedule_args or entry.get("schedule", {})
+    model.class_names = model.class_names or list(entry.get("class_names", []))
     return model
 
 

@@ -84,7 +84,7 @@ def _cmd_sample(args):
                          "(drop --steps, or use --sampler ddim)")
     device = torch.device(args.device) if args.device else get_device()
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
-    names = _class_names(args.weights, model)
+    names = _class_names(model)
     classes = [_class_id(c, names) for c in (args.classes or names)]
     schedule = model_schedule(model)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
@@ -110,13 +110,11 @@ def _class_id(name, names):
     return names.index(name)
 
 
-def _class_names(weights_path, model):
-    """The model's class names: recorded in files our training writes; for other files the sprites' names
-    when the model has their 5 classes, else the ids "0", "1", ..."""
-    saved = torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else {}
-    names = saved.get("class_names") if isinstance(saved, dict) else None
-    if names:
-        return [str(n) for n in names]
+def _class_names(model):
+    """The model's class names: as its weights file records them (load_model reads them); otherwise the
+    sprites' names for a 5-class model, else the ids "0", "1", ..."""
+    if getattr(model, "class_names", None):
+        return list(model.class_names)
     return list(CLASS_NAMES) if model.n_cfeat == len(CLASS_NAMES) else [str(i) for i in range(model.n_cfeat)]
 
 

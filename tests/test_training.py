@@ -141,6 +141,7 @@ def test_the_schedule_travels_with_the_model(tiny_npz, tmp_path):
     for name in ("ema.pt", "snap_000001.pt", "checkpoint.pt"):
         model = du.load_model(tmp_path / "r" / name, "cpu")
         assert model.schedule_args == {"timesteps": 500, "terminal_signal": 0.004}
+        assert model.class_names == du.CLASS_NAMES  # read from the file, for sample --classes
         assert torch.equal(du.model_schedule(model).ab_t, want.ab_t)
     assert torch.equal(du.model_schedule(du.ContextUnet(n_feat=8)).ab_t, du.make_schedule(500).ab_t)
     with pytest.raises(ValueError, match="--terminal-signal"):
