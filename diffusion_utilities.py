@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 ROOT = Path(__file__).resolve().parent
 DATA_FILE = ROOT / "data" / "sprites16.npz"
@@ -47,9 +46,6 @@ WEIGHTS_DIR = ROOT / "weights"
 # ---------------------------------------------------------------------------------------------
 # Data: the sprites (shown from notebook 1 on) and their labels as context vectors
 # ---------------------------------------------------------------------------------------------
-
-CLASS_NAMES = ["hero", "non-hero", "food", "spell", "item"]
-
 
 def _resolve_data_path(path):
     """A relative path that does not exist from here is looked up beside this module (notebooks/ runs)."""
@@ -111,47 +107,16 @@ def to_tensor_images(images):
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _hue_rotation(angle):
-    """(B, 3, 3) matrices that rotate RGB colours about the grey axis by angle (radians, (B,))."""
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    k = 1 / 3
-    r = math.sqrt(k)
-    m = torch.empty(len(angle), 3, 3)
-    # Rodrigues' rotation about the unit vector (1, 1, 1)/sqrt(3).
-    for i in range(3):
-        for j in range(3):
-            cross = 0.0 if i == j else (r if (j - i) % 3 == 2 else -r)
-            m[:, i, j] = cos * (1.0 if i == j else 0.0) + k * (1 - cos) + sin * cross
-    return m
+def augment_batch(images, *, flip=True, generator=None):
+    """Random left-right flips for a batch of sprites; returns float (B, 3, H, W) in [-1, 1].
 
-
-def augment_batch(images, alpha=None, flip=True, jitter=0.0, generator=None):
-    """Random flips and colour jitter for a batch of sprites; returns float (B, 3, H, W) in [-1, 1].
-
-    images: uint8 (B, 3, H, W); alpha: uint8 (B, 1, H, W) sprite coverage, needed for jitter.
-    flip: mirror left-right with probability 0.5. jitter in [0, 1]: hue rotation up to jitter*30
-    degrees, saturation and brightness scaled by up to 1 +- jitter*0.2 (jitter=0.3 is mild). The
-    jitter is applied to the sprite's own colour, recovered with alpha, and composited back on white,
-    so the background stays exactly white.
+    images: uint8 (B, 3, H, W). A mirrored sprite is as good a sprite, so flips double the data.
     """
-    x = images.float() / 255.0
-    B = x.shape[0]
-    if jitter > 0:
-        if alpha is None:
-            raise ValueError("colour jitter needs the sprites' alpha channel to keep the background white")
-        a = alpha.float() / 255.0
-        colour = ((x - (1 - a)) / a.clamp(min=1e-3)).clamp(0, 1)  # undo "over white"
-        u = torch.rand(B, 3, generator=generator) * 2 - 1
-        rot = _hue_rotation(u[:, 0] * jitter * math.pi / 6)
-        colour = torch.einsum("bij,bjhw->bihw", rot, colour)
-        grey = colour.mean(1, keepdim=True)
-        colour = grey + (colour - grey) * (1 + 0.2 * jitter * u[:, 1]).view(B, 1, 1, 1)
-        colour = (colour * (1 + 0.2 * jitter * u[:, 2]).view(B, 1, 1, 1)).clamp(0, 1)
-        x = a * colour + (1 - a)
+    x = images.float() / 255 * 2 - 1
     if flip:
-        mirror = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(mirror.view(B, 1, 1, 1), x.flip(-1), x)
-    return x * 2 - 1
+        mirror = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x
 
 
 def one_hot(labels, n_cfeat=5):
@@ -162,32 +127,6 @@ def one_hot(labels, n_cfeat=5):
     if len(labels) and (labels.min() < 0 or labels.max() >= n_cfeat):
         raise ValueError(f"class ids must lie in 0..{n_cfeat - 1}, got {int(labels.min())}..{int(labels.max())}")
     return F.one_hot(labels.long(), n_cfeat).float()
-
-
-class SpriteDataset(Dataset):
-    """The sprites as a torch Dataset of (image (3, 16, 16) float in [-1, 1], one-hot context (5,)).
-
-    augment=True applies a random horizontal flip and, with jitter > 0, a mild colour jitter of the
-    sprite only (see augment_batch). indices selects a subset (e.g. a train/test split).
-    """
-
-    def __init__(self, path="data/sprites16.npz", augment=False, jitter=0.0, indices=None):
-        images, labels, alpha, self.class_names = _read_sprites(path)
-        if indices is not None:
-            images, labels, alpha = images[indices], labels[indices], alpha[indices]
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
-        self.labels = torch.from_numpy(labels)
-        self.augment, self.jitter = augment, jitter
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        i = int(i)
-        x = augment_batch(self.images[i:i + 1], self.alpha[i:i + 1], flip=self.augment,
-                          jitter=self.jitter if self.augment else 0.0)[0]
-        return x, one_hot(self.labels[i:i + 1], len(self.class_names))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,24 +140,6 @@ def get_device():
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def describe_device(device):
-    """A short description of the hardware, for manifests and benchmark tables."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        import platform
-        name = platform.processor() or name
-    bf16 = ", native bf16" if cpu_supports_bf16() else ""
-    return f"{name}, {torch.get_num_threads()} threads{bf16}"
 
 
 def autocast_context(device, dtype):
@@ -722,7 +643,6 @@ class TrainConfig:
     terminal_signal: float | None = None
     seed: int = 0
     flip: bool = True
-    jitter: float = 0.0
     class_balance: float = 0.5
     snapshot_steps: list = field(default_factory=list)
     checkpoint_every: int = 500
@@ -735,7 +655,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "timesteps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
-        for name in ("lr", "lr_min", "drop_prob", "ema_decay", "input_perturbation", "jitter", "class_balance"):
+        for name in ("lr", "lr_min", "drop_prob", "ema_decay", "input_perturbation", "class_balance"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be a finite number")
         if not self.lr > 0:
@@ -868,9 +788,8 @@ class _TrainingData:
 
     def __init__(self, data_path, config):
         self.path = _resolve_data_path(data_path)
-        images, labels, alpha, class_names = _read_sprites(self.path)
+        images, labels, _, class_names = _read_sprites(self.path)
         self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
-        self.alpha = torch.from_numpy(alpha)[:, None].contiguous()
         self.n_classes, self.height, self.class_names = len(class_names), images.shape[1], class_names
         if len(images) < 1000:  # warnings.warn shows this once per run
             import warnings
@@ -887,7 +806,7 @@ class _TrainingData:
     def batch(self, gen, device, mem_format, n):
         cfg = self.config
         idx = torch.multinomial(self.weights, n, replacement=True, generator=gen)
-        x = augment_batch(self.x[idx], self.alpha[idx], flip=cfg.flip, jitter=cfg.jitter, generator=gen)
+        x = augment_batch(self.x[idx], flip=cfg.flip, generator=gen)
         return x.to(device).contiguous(memory_format=mem_format), self.c[idx].to(device)
 
 
@@ -1359,23 +1278,12 @@ def show_images(x, nrow=8, title=None, scale=0.6, ax=None):
     return ax
 
 
-def save_grid_png(x, path, nrow=8, scale=4):
-    """Write a batch (B, 3, H, W) in [-1, 1] as a PNG grid, each pixel scale x scale."""
-    from PIL import Image
-
-    grid = (image_grid(x, nrow) * 255).round().astype(np.uint8)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
 def plot_sample(intermediates, nrow=8, interval=200, scale=0.6, titles=None):
     """A matplotlib FuncAnimation of a denoising trajectory, one grid per frame.
 
     intermediates: (frames, B, 3, H, W) in [-1, 1], as returned by sample_ddpm / sample_ddim.
     titles: optional list of one caption per frame (e.g. the timestep). Show it in a notebook with
-    animation_html(ani), or save it with save_gif(ani, path).
+    animation_html(ani), or save it as a GIF with ani.save("denoising.gif", writer="pillow").
     """
     import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation
@@ -1408,33 +1316,14 @@ def animation_html(ani):
     return HTML(ani.to_jshtml())
 
 
-def save_gif(ani, path, fps=5):
-    """Save an animation as a GIF with Pillow. Returns the path."""
-    from matplotlib.animation import PillowWriter
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ani.save(path, writer=PillowWriter(fps=fps), dpi=100)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # Appendix. Weights
 # ---------------------------------------------------------------------------------------------
 
-def load_state(path, device="cpu"):
-    """A state_dict from a file, loaded safely (weights_only=True), floats as fp32."""
-    return read_weights(path, device)[0]
-
-
 def read_weights(path, device="cpu"):
-    """(state_dict with floats as fp32, model_args dict or {}) from a weights file or a training checkpoint."""
-    state, args, _ = _read_weights_file(path, device)
-    return state, args
-
-
-def _read_weights_file(path, device):
-    """read_weights, plus what the file records beside the weights: {"schedule": make_schedule's arguments,
-    "class_names": [...]}, each only when present."""
+    """(state_dict with floats as fp32, model_args dict or {}, extras) from a weights file or a training
+    checkpoint, loaded safely (weights_only=True). extras: what the file records beside the weights,
+    {"schedule": make_schedule's arguments, "class_names": [...]}, each only when present."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}. The course's weights ship in weights/ "
@@ -1466,7 +1355,7 @@ def load_model(path, device=None, **model_args):
     names, where the file records them, to model.class_names.
     """
     device = torch.device(device) if device is not None else get_device()
-    state, saved, extras = _read_weights_file(path, device)
+    state, saved, extras = read_weights(path, device)
     model = ContextUnet(**{**saved, **model_args})
     try:
         model.load_state_dict(state)
@@ -1491,27 +1380,15 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
     from early in its training; "classifier" is the SpriteClassifier the metrics use. The file's
     sha256 is checked against the manifest first, and a mismatch is refused.
     """
-    from course_tools.manifest import read_manifest, sha256_file  # tooling, imported only when needed
+    from course_tools.manifest import checked_entry  # tooling, imported only when needed
 
-    manifest = read_manifest(weights_dir)
-    if name not in manifest:
-        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(sorted(manifest))}")
-    entry = manifest[name]
-    path = Path(weights_dir) / entry["file"]
-    if not path.exists():
-        raise FileNotFoundError(f"weights file {path} is listed in the manifest but missing; "
-                                "restore it with `git checkout -- weights/`")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise ValueError(f"weights file {path} does not match its manifest (sha256 {digest[:12]}..., expected "
-                         f"{entry['sha256'][:12]}...): it was changed or damaged. Restore it with "
-                         "`git checkout -- weights/` or re-download the repository.")
+    path, entry = checked_entry(name, weights_dir)
     device = torch.device(device) if device is not None else get_device()
     if entry["kind"] == "classifier":
         from course_tools.metrics import SpriteClassifier
 
         model = SpriteClassifier(**entry.get("args", {}))
-        model.load_state_dict(load_state(path, device))
+        model.load_state_dict(read_weights(path, device)[0])
         return model.to(device).eval()
     model = load_model(path, device, **entry.get("args", {}))
     model.schedule_args = model.schedule_args or entry.get("schedule", {})

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import diffusion_utilities as du  # noqa: E402
+from course_tools.runs import describe_device  # noqa: E402
 
 BATCH, N_FEAT, H = 100, 64, 16
 
@@ -263,7 +264,7 @@ def main():
     torch.manual_seed(0)
     schedule = du.make_schedule(500)
     amp, fmt = du.fast_settings("cpu")
-    print(f"machine: {du.describe_device('cpu')}; torch {torch.__version__}; "
+    print(f"machine: {describe_device('cpu')}; torch {torch.__version__}; "
           f"our settings: autocast {amp}, {'channels_last' if fmt == torch.channels_last else 'NCHW'}")
 
     # Training: ours and the course's, interleaved so drifts in machine speed hit both alike.
@@ -307,7 +308,7 @@ def main():
         ddpm_course = min(time_it(lambda: course_sample(course, n, schedule), 1))
 
     res = {
-        "machine": du.describe_device("cpu"), "torch": torch.__version__, "quick": args.quick,
+        "machine": describe_device("cpu"), "torch": torch.__version__, "quick": args.quick,
         "settings": {"autocast": str(amp), "channels_last": fmt == torch.channels_last,
                      "threads": torch.get_num_threads()},
         "train_samples_per_s": train_rate, "course_train_samples_per_s": course_rate,

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_utilities as du  # noqa: E402
 from course_tools.metrics import classifier_outputs, frechet_distance  # noqa: E402
+from course_tools.runs import describe_device  # noqa: E402
 
 
 def batch_statistics_copy(model):
@@ -60,7 +61,7 @@ def main():
             rows.append({"batchnorm": norm, "sampler": "DDIM-25", "eta": eta, "fid": frechet_distance(f, ref), **background(x)})
             print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python benchmarks/ddim_gap.py " + " ".join(sys.argv[1:]), "n": args.n, "model": "sprites (shipped)",
-              "hardware": du.describe_device("cpu"), "real": background(real), "rows": rows}
+              "hardware": describe_device("cpu"), "real": background(real), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"real: {result['real']}; wrote {args.out}")
 

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_utilities as du  # noqa: E402
 from course_tools.metrics import classifier_outputs, frechet_distance  # noqa: E402
+from course_tools.runs import describe_device  # noqa: E402
 
 
 def white_share(x):
@@ -63,7 +64,7 @@ def main():
         print(json.dumps(row), flush=True)
     real_white = white_share(du.to_tensor_images(images[perm[:args.n]]))
     result = {"command": "python benchmarks/terminal_snr.py " + " ".join(sys.argv[1:]), "n": args.n,
-              "hardware": du.describe_device("cpu"), "real_white_share": real_white, "rows": rows}
+              "hardware": describe_device("cpu"), "real_white_share": real_white, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"real white share {real_white:.3f}; wrote {args.out}")
 

@@ -27,6 +27,7 @@ from training_recipes import real_features, score  # noqa: E402
 
 import course_tools.manifest as cman  # noqa: E402
 import diffusion_utilities as du  # noqa: E402
+from course_tools.runs import describe_device  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "time_to_quality.json"
 
@@ -105,7 +106,7 @@ def main(argv=None):
                   f"FID {row['fid']:.2f}", flush=True)
         results["runs"][args.label] = rows
         results["fid_floor"] = real["floor"]
-        results["hardware"] = args.hardware or du.describe_device(device)
+        results["hardware"] = args.hardware or describe_device(device)
         results.setdefault("commands", {})[args.label] = shlex.join(["python", "benchmarks/time_to_quality.py",
                                                                      *sys.argv[1:]])
         OUT.write_text(json.dumps(results, indent=1))

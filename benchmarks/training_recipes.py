@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import course_tools.metrics as cm  # noqa: E402
 import diffusion_utilities as du  # noqa: E402
+from course_tools.runs import describe_device  # noqa: E402
 
 # The base of the single-change study: the best short recipe of shared/reference/training.md.
 # Every loss setting is pinned here: TrainConfig's defaults are the study's outcome, not its starting point.
@@ -114,11 +115,12 @@ def time_steps(overrides, device, n=20):
 @torch.no_grad()
 def score(model, classifier, real_ref, labels_mix, *, per_class=40, n_fid=500, seed=0, amp_dtype=None):
     """Guided per-class accuracy (w = 2) and sprite-FID (w = 0), both DDIM-25 eta 0."""
-    schedule = du.make_schedule(500)
-    classes = np.repeat(np.arange(5), per_class)
+    schedule = du.model_schedule(model)  # the one it was trained with (the course's 500-step linear by default)
+    names = du.load_sprites()[2]  # the classifier's classes, named by the data file
+    classes = np.repeat(np.arange(len(names)), per_class)
     x, _ = cm.generate(model, schedule, classes, "ddim", 25, 0.0, 2.0, seed, amp_dtype=amp_dtype, progress=False)
     _, pred = cm.classifier_outputs(classifier, x)
-    per = {du.CLASS_NAMES[c]: float((pred[classes == c] == c).mean()) for c in range(5)}
+    per = {name: float((pred[classes == c] == c).mean()) for c, name in enumerate(names)}
     x, _ = cm.generate(model, schedule, labels_mix[:n_fid], "ddim", 25, 0.0, 0.0, seed + 1, amp_dtype=amp_dtype,
                        progress=False)
     feats, _ = cm.classifier_outputs(classifier, x)
@@ -146,12 +148,13 @@ def run(name, overrides, seconds, device, classifier, real, steps=None):
 
 
 def markdown(rows, floor, budget_min):
-    lines = [f"| recipe | steps | samples/s | train s | guided acc. | hero | non-hero | food | spell | item | "
-             f"sprite-FID (floor {floor:.2f}) |", "|---" * 11 + "|"]
+    names = list(rows[0]["per_class"]) if rows else []
+    lines = [f"| recipe | steps | samples/s | train s | guided acc. | {' | '.join(names)} | "
+             f"sprite-FID (floor {floor:.2f}) |", "|---" * (6 + len(names)) + "|"]
     for r in rows:
         pc = r["per_class"]
         lines.append(f"| {r['name']} | {r['steps']} | {r['samples_per_second']:.0f} | {r['train_seconds']:.0f} | "
-                     f"**{r['guided_accuracy']:.0%}** | " + " | ".join(f"{pc[c]:.0%}" for c in du.CLASS_NAMES)
+                     f"**{r['guided_accuracy']:.0%}** | " + " | ".join(f"{pc[c]:.0%}" for c in names)
                      + f" | {r['fid']:.2f} |")
     return f"Budget {budget_min:g} min per recipe.\n\n" + "\n".join(lines)
 
@@ -194,7 +197,7 @@ def main(argv=None):
     device = torch.device(args.device) if args.device else du.get_device()
     if args.rates_only:
         rates = {name: {**BASE, **every[name]}["batch_size"] / time_steps(every[name], device, n=40) for name in names}
-        out.write_text(json.dumps({"hardware": du.describe_device(device), "samples_per_second": rates}, indent=1))
+        out.write_text(json.dumps({"hardware": describe_device(device), "samples_per_second": rates}, indent=1))
         print(json.dumps(rates, indent=1))
         return
     rates = {}
@@ -219,7 +222,7 @@ def main(argv=None):
               f"  {row['per_class']}  FID {row['fid']:.2f}", flush=True)
         commands = list(dict.fromkeys(previous.get("commands", []) + [command]))
         budget = {"steps": args.steps} if args.steps else {"minutes": args.minutes}
-        out.write_text(json.dumps({"commands": commands, **budget, "hardware": du.describe_device(device),
+        out.write_text(json.dumps({"commands": commands, **budget, "hardware": describe_device(device),
                                    "fid_floor": real["floor"], "rows": rows}, indent=1))
     print(markdown(rows, real["floor"], args.minutes))
 

@@ -26,25 +26,22 @@ from course_tools.metrics import (
     split_indices,
     train_classifier,
 )
-from course_tools.runs import save_atomic
+from course_tools.pictures import save_gif, save_grid_png
+from course_tools.runs import describe_device, save_atomic
 from diffusion_utilities import (
-    CLASS_NAMES,
     DATA_FILE,
     WEIGHTS_DIR,
     TrainConfig,
-    describe_device,
     fast_settings,
     get_device,
     load_model,
     load_pretrained,
     load_sprites,
-    load_state,
     model_schedule,
     plot_sample,
+    read_weights,
     sample_ddim,
     sample_ddpm,
-    save_gif,
-    save_grid_png,
     to_tensor_images,
     train,
 )
@@ -56,7 +53,7 @@ def _cmd_train(args):
                          ema_warmup=args.ema_warmup, n_feat=args.n_feat, norm=args.norm,
                          prediction=args.prediction, zero_init=args.zero_init, snr_gamma=args.snr_gamma or None,
                          t_sampling=args.t_sampling, input_perturbation=args.input_perturbation,
-                         jitter=args.jitter, class_balance=args.class_balance,
+                         class_balance=args.class_balance,
                          snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every,
                          terminal_signal=args.terminal_signal)
     if args.threads:
@@ -112,10 +109,11 @@ def _class_id(name, names):
 
 def _class_names(model):
     """The model's class names: as its weights file records them (load_model reads them); otherwise the
-    sprites' names for a 5-class model, else the ids "0", "1", ..."""
+    course data file's names when the counts agree, else the ids "0", "1", ..."""
     if getattr(model, "class_names", None):
         return list(model.class_names)
-    return list(CLASS_NAMES) if model.n_cfeat == len(CLASS_NAMES) else [str(i) for i in range(model.n_cfeat)]
+    names = load_sprites(DATA_FILE)[2]
+    return names if model.n_cfeat == len(names) else [str(i) for i in range(model.n_cfeat)]
 
 
 def _destination(path, to_weights, command):
@@ -169,7 +167,7 @@ def _cmd_export(args):
     k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
     curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
     (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
-    save_atomic(load_state(run / "checkpoint.pt"), wdir / f"{args.name}.pt")
+    save_atomic(read_weights(run / "checkpoint.pt")[0], wdir / f"{args.name}.pt")
     minutes = args.train_minutes
     if minutes is None and "train_seconds" in ck:
         minutes = round(ck["train_seconds"] / 60, 1)
@@ -190,17 +188,18 @@ def _cmd_export(args):
 
 
 def _cmd_train_classifier(args):
-    images, labels, _ = load_sprites(args.data)
+    images, labels, class_names = load_sprites(args.data)
     train_idx, test_idx = split_indices(labels, seed=args.seed)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    clf = train_classifier(images[train_idx], labels[train_idx], epochs=args.epochs, seed=args.seed)
+    clf = train_classifier(images[train_idx], labels[train_idx], n_classes=len(class_names), epochs=args.epochs,
+                           seed=args.seed)
     _, pred = classifier_outputs(clf, to_tensor_images(images[test_idx]))
     acc = float((pred == labels[test_idx]).mean())
     out = WEIGHTS_DIR / "classifier.pt" if args.to_weights else Path(args.out)
     save_atomic(clf.state_dict(), out)
     if args.to_weights:
-        add_to_manifest("classifier", "classifier.pt", "classifier", args={"n_classes": 5}, seed=args.seed,
+        add_to_manifest("classifier", "classifier.pt", "classifier", args={"n_classes": len(class_names)}, seed=args.seed,
                         command="python diffusion_utilities.py " + " ".join(args.argv),
                         train_minutes=round((time.time() - t0) / 60, 1), hardware=describe_device("cpu"),
                         metrics={"held_out_accuracy": round(acc, 3), "held_out_n": len(test_idx),
@@ -218,7 +217,7 @@ def _cmd_evaluate(args):
         torch.set_num_threads(args.threads)
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
     classifier = load_pretrained("classifier", device)
-    images, labels, _ = load_sprites(args.data)
+    images, labels, class_names = load_sprites(args.data)
     _, test_idx = split_indices(labels, seed=0)
     amp_dtype = fast_settings(device)[0] if args.fast else None
     command = "python diffusion_utilities.py " + " ".join(args.argv)
@@ -232,7 +231,7 @@ def _cmd_evaluate(args):
         return
     snapshots = {name: load_pretrained(name, device) for name in args.snapshots}
     res, samples, nn_idx, dist = evaluate(model, classifier, model_schedule(model), images, labels, test_idx,
-                                          n=args.n, seed=args.seed, amp_dtype=amp_dtype,
+                                          class_names=class_names, n=args.n, seed=args.seed, amp_dtype=amp_dtype,
                                           ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
                                           per_class=args.per_class, snapshots=snapshots)
     res["hardware"] = describe_device(device)
@@ -315,7 +314,6 @@ def main(argv=None):
     tr.add_argument("--input-perturbation", type=float, default=0.0)
     tr.add_argument("--terminal-signal", type=float, default=None,
                     help="rescale the schedule so that sqrt(ab_T) is this (e.g. 0.004; the course's leaves 0.079)")
-    tr.add_argument("--jitter", type=float, default=0.0, help="colour jitter strength, 0 = off")
     tr.add_argument("--class-balance", type=float, default=0.5,
                     help="draw class c with probability ~ n_c**this (1 = as in the data, 0 = balanced)")
     tr.add_argument("--snapshots", type=int, nargs="*", default=[], help="steps at which to save EMA snapshots")

@@ -36,6 +36,24 @@ def read_manifest(weights_dir=WEIGHTS_DIR):
     return weights
 
 
+def checked_entry(name, weights_dir=WEIGHTS_DIR):
+    """(path, entry) of a shipped file, after checking that the file exists and matches its sha256."""
+    manifest = read_manifest(weights_dir)
+    if name not in manifest:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(sorted(manifest))}")
+    entry = manifest[name]
+    path = Path(weights_dir) / entry["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} is listed in the manifest but missing; "
+                                "restore it with `git checkout -- weights/`")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ValueError(f"weights file {path} does not match its manifest (sha256 {digest[:12]}..., expected "
+                         f"{entry['sha256'][:12]}...): it was changed or damaged. Restore it with "
+                         "`git checkout -- weights/` or re-download the repository.")
+    return path, entry
+
+
 def add_to_manifest(name, file, kind="ContextUnet", weights_dir=WEIGHTS_DIR, **info):
     """Record (or update) a weights file in weights/manifest.json with its sha256 and how it was made.
 

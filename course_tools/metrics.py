@@ -14,20 +14,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_tools.pictures import save_grid_png
 from diffusion_utilities import (
-    CLASS_NAMES,
     augment_batch,
     sample_ddim,
     sample_ddpm,
     sample_dpm_solver,
-    save_grid_png,
     to_display,
     to_tensor_images,
 )
 
 
 class SpriteClassifier(nn.Module):
-    """A small CNN that tells the 5 sprite classes apart; its penultimate layer (128 features)
+    """A small CNN that tells the sprite classes apart; its penultimate layer (128 features)
     is the feature space for sprite-FID and KID (Inception weights cannot be downloaded at run
     time, and a network trained on our 16x16 sprites judges them more sharply).
 
@@ -67,8 +66,9 @@ def split_indices(labels, test_fraction=0.15, seed=0):
     return train, test
 
 
-def train_classifier(images, labels, epochs=30, batch_size=64, lr=2e-3, seed=0, progress=True):
-    """Train a SpriteClassifier on uint8 images (N, 16, 16, 3) with labels (N,). Returns it in eval mode.
+def train_classifier(images, labels, *, n_classes, epochs=30, batch_size=64, lr=2e-3, seed=0, progress=True):
+    """Train a SpriteClassifier on uint8 images (N, 16, 16, 3) with labels (N,) in 0..n_classes - 1.
+    Returns it in eval mode.
 
     Flips and a little Gaussian noise as augmentation, and a class-weighted loss so the rare food
     class counts.
@@ -79,9 +79,9 @@ def train_classifier(images, labels, epochs=30, batch_size=64, lr=2e-3, seed=0, 
     gen = torch.Generator().manual_seed(seed)
     x_all = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
     y_all = torch.as_tensor(labels).long()
-    counts = torch.bincount(y_all, minlength=5).float()
+    counts = torch.bincount(y_all, minlength=n_classes).float()
     class_w = (counts.sum() / (len(counts) * counts.clamp(min=1)))
-    model = SpriteClassifier()
+    model = SpriteClassifier(n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n_batches = math.ceil(len(y_all) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * n_batches)
@@ -229,14 +229,15 @@ def compare_solvers(model, classifier, schedule, images, labels, n=1000, seed=0,
             "rows": rows}
 
 
-def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed=0, guide_ws=(0, 1, 2, 4),
-             ddim_steps=(10, 25, 50, 100), etas=(0.0, 1.0), per_class=100, guide_steps=25, amp_dtype=None,
-             progress=True, snapshots=None):
+def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_names, n=1000, seed=0,
+             guide_ws=(0, 1, 2, 4), ddim_steps=(10, 25, 50, 100), etas=(0.0, 1.0), per_class=100, guide_steps=25,
+             amp_dtype=None, progress=True, snapshots=None):
     """All the quality numbers of the shipped model, as a dict (see `python diffusion_utilities.py evaluate`).
 
     images, labels: the whole sprite set (uint8 (N, 16, 16, 3), (N,)); test_idx: the classifier's
-    held-out sprites. FID and KID compare n samples, made for the class ids of n random real sprites,
-    with n other real sprites; the real-vs-real floor compares two disjoint sets of n real sprites.
+    held-out sprites; class_names: the data file's names of classes 0, 1, ... FID and KID compare n
+    samples, made for the class ids of n random real sprites, with n other real sprites; the
+    real-vs-real floor compares two disjoint sets of n real sprites.
     snapshots: optional {name: model} scored the same way with DDIM-{guide_steps} only (training progress).
     Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
     """
@@ -250,7 +251,7 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed
     test_lab = labels[test_idx]
     res["classifier_test_accuracy"] = {
         "all": float((test_pred == test_lab).mean()),
-        **{CLASS_NAMES[c]: float((test_pred[test_lab == c] == c).mean()) for c in range(len(CLASS_NAMES))}}
+        **{name: float((test_pred[test_lab == c] == c).mean()) for c, name in enumerate(class_names)}}
 
     def score(x):
         f, pred = classifier_outputs(classifier, x)
@@ -271,7 +272,7 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed
     idx, dist, _ = nearest_neighbours(ddpm_samples, images)
     res["memorisation"] = {"sampler": "ddpm", "median_rms": float(np.median(dist)),
                            "near_copy_fraction": float((dist < NEAR_COPY_RMS).mean())}
-    balanced = np.repeat(np.arange(len(CLASS_NAMES)), per_class)
+    balanced = np.repeat(np.arange(len(class_names)), per_class)
     res["guidance"] = []
     for w in guide_ws:
         x, _ = generate(model, schedule, gen_labels, "ddim", guide_steps, 0.0, w, seed, amp_dtype=amp_dtype,
@@ -280,7 +281,7 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, n=1000, seed
                          progress=progress)
         _, pred = classifier_outputs(classifier, xb)
         res["guidance"].append({"guide_w": w, **score(x), "class_accuracy": {
-            CLASS_NAMES[c]: float((pred[balanced == c] == c).mean()) for c in range(len(CLASS_NAMES))},
+            name: float((pred[balanced == c] == c).mean()) for c, name in enumerate(class_names)},
             "balanced_accuracy": float((pred == balanced).mean())})
     res["snapshots"] = {}
     for name, snap in (snapshots or {}).items():
@@ -306,17 +307,18 @@ def metrics_markdown(res, command):
         lines.append(f"| {r['sampler'].upper()} | {r['steps']} | {r['eta']:g} | {r['autocast']} | {r['s_per_sample']:.4f} | "
                      f"{r['fid']:.2f} | {r['fid'] / fl['fid']:.1f}x | {r['kid']:.4f} | {r['accuracy']:.1%} |")
     acc = res["classifier_test_accuracy"]
+    names = [k for k in acc if k != "all"]  # the class names, in class-id order (as evaluate wrote them)
     lines += ["", f"## Classifier-free guidance (DDIM-{res['guide_steps']}, eta 0)", "",
               "Per-class accuracy: the classifier's verdict on "
               "samples made for each class (balanced set), beside its accuracy on held-out real sprites.", "",
-              "| guide_w | FID | KID | " + " | ".join(CLASS_NAMES) + " | mean |",
-              "|---" * (4 + len(CLASS_NAMES)) + "|",
-              "| real held-out | – | – | " + " | ".join(f"{acc[c]:.0%}" for c in CLASS_NAMES)
-              + f" | {np.mean([acc[c] for c in CLASS_NAMES]):.0%} |"]
+              "| guide_w | FID | KID | " + " | ".join(names) + " | mean |",
+              "|---" * (4 + len(names)) + "|",
+              "| real held-out | – | – | " + " | ".join(f"{acc[c]:.0%}" for c in names)
+              + f" | {np.mean([acc[c] for c in names]):.0%} |"]
     for g in res["guidance"]:
         ca = g["class_accuracy"]
         lines.append(f"| {g['guide_w']:g} | {g['fid']:.2f} | {g['kid']:.4f} | "
-                     + " | ".join(f"{ca[c]:.0%}" for c in CLASS_NAMES) + f" | {g['balanced_accuracy']:.0%} |")
+                     + " | ".join(f"{ca[c]:.0%}" for c in names) + f" | {g['balanced_accuracy']:.0%} |")
     if res.get("snapshots"):
         lines += ["", f"## Training progress (DDIM-{res['guide_steps']}, eta 0, w = 0)", "",
                   "| model | sprite-FID | KID | class accuracy |", "|---|---|---|---|"]

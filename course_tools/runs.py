@@ -1,6 +1,7 @@
-"""Training-run plumbing that no lesson reads: atomic saves, the run-folder lock, checkpoints and resuming,
-and the processes of a torchrun job. diffusion_utilities.train uses it (importing it when it runs); the
-training loop itself, which notebook 3 teaches, stays in the course module.
+"""Training-run plumbing that no lesson reads: atomic saves, the run-folder lock, checkpoints and
+resuming, the processes of a torchrun job, and the hardware a run records. diffusion_utilities.train
+uses it (importing it when it runs); the training loop itself, which notebook 3 teaches, stays in the
+course module.
 """
 from __future__ import annotations
 
@@ -11,7 +12,25 @@ from pathlib import Path
 
 import torch
 
-from diffusion_utilities import describe_device, model_args, weights_file
+from diffusion_utilities import cpu_supports_bf16, model_args, weights_file
+
+
+def describe_device(device):
+    """A short description of the hardware, for histories, manifests and benchmark tables."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        import platform
+        name = platform.processor() or name
+    bf16 = ", native bf16" if cpu_supports_bf16() else ""
+    return f"{name}, {torch.get_num_threads()} threads{bf16}"
 
 
 def save_atomic(obj, path):

@@ -78,8 +78,8 @@ def test_resume_reaches_the_same_state(tiny_npz, tmp_path):
     assert (tmp_path / "split" / "checkpoint.pt").exists() and not (tmp_path / "split" / "ema.pt").exists()
     split = du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", resume=True)
     assert whole == split and len(whole) == 6
-    a, args_a = du.read_weights(tmp_path / "whole" / "ema.pt")
-    b, args_b = du.read_weights(tmp_path / "split" / "ema.pt")
+    a, args_a, _ = du.read_weights(tmp_path / "whole" / "ema.pt")
+    b, args_b, _ = du.read_weights(tmp_path / "split" / "ema.pt")
     assert args_a == args_b and args_a["n_feat"] == cfg.n_feat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "whole" / "snap_000002.pt").exists()
@@ -141,7 +141,7 @@ def test_the_schedule_travels_with_the_model(tiny_npz, tmp_path):
     for name in ("ema.pt", "snap_000001.pt", "checkpoint.pt"):
         model = du.load_model(tmp_path / "r" / name, "cpu")
         assert model.schedule_args == {"timesteps": 500, "terminal_signal": 0.004}
-        assert model.class_names == du.CLASS_NAMES  # read from the file, for sample --classes
+        assert model.class_names == du.load_sprites(tiny_npz)[2]  # read from the file, for sample --classes
         assert torch.equal(du.model_schedule(model).ab_t, want.ab_t)
     assert torch.equal(du.model_schedule(du.ContextUnet(n_feat=8)).ab_t, du.make_schedule(500).ab_t)
     with pytest.raises(ValueError, match="--terminal-signal"):

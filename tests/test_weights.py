@@ -37,9 +37,9 @@ def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
     assert manifest["tiny"]["step"] == 3 and manifest["tiny"]["train_minutes"] >= 0
     assert manifest["tiny"]["args"] == {"in_channels": 3, "n_feat": 8, "n_cfeat": 5, "height": 16, "norm": "batch",
                                         "prediction": "v"}  # the whole architecture: other data sets differ
-    assert manifest["tiny"]["class_names"] == du.CLASS_NAMES
+    assert manifest["tiny"]["class_names"] == du.load_sprites(tiny_npz)[2]
     assert "train --steps 3 --seed 0" in manifest["tiny"]["command"]
-    ema, _ = du.read_weights(tmp_path / "run" / "ema.pt")
+    ema, _, _ = du.read_weights(tmp_path / "run" / "ema.pt")
     loaded = du.load_pretrained("tiny", "cpu", weights_dir=wdir).state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
     assert du.load_pretrained("tiny_step000002", "cpu", weights_dir=wdir).h == 16
@@ -86,7 +86,7 @@ def test_weights_only_loading_refuses_pickled_code(tmp_path):
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
-        du.load_state(tmp_path / "evil.pt")
+        du.read_weights(tmp_path / "evil.pt")
 
 
 def test_shipped_weights_load_on_cpu():

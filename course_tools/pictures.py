@@ -1,0 +1,29 @@
+"""Pictures written to files: PNG grids and GIFs, for the command line and the metrics. (Notebooks show
+pictures inline, with diffusion_utilities.show_images and animation_html.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_utilities import image_grid
+
+
+def save_grid_png(x, path, nrow=8, scale=4):
+    """Write a batch (B, 3, H, W) in [-1, 1] as a PNG grid, each pixel scale x scale."""
+    from PIL import Image
+
+    grid = (image_grid(x, nrow) * 255).round().astype(np.uint8)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def save_gif(ani, path, fps=5):
+    """Save an animation as a GIF with Pillow. Returns the path."""
+    from matplotlib.animation import PillowWriter
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ani.save(path, writer=PillowWriter(fps=fps), dpi=100)
+    return path
