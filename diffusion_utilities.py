@@ -712,11 +712,14 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
     """
     import contextlib
 
-    from course_tools.runs import RunLock  # run plumbing: tooling, imported only when a run starts
+    from course_tools.runs import RunLock, end_distributed  # run plumbing: tooling, imported when a run starts
 
     lock = RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
-        return _train(config, Path(out_dir), data_path, resume, minutes, device, progress, callback, stop_at)
+        try:
+            return _train(config, Path(out_dir), data_path, resume, minutes, device, progress, callback, stop_at)
+        finally:
+            end_distributed()  # a torchrun job's processes leave their group together
 
 
 def _train(config, out_dir, data_path, resume, minutes, device, progress, callback, stop_at):

@@ -109,6 +109,16 @@ def distributed(device):
     return dist.get_rank(), world, device
 
 
+def end_distributed():
+    """Leave the torchrun process group, if this process joined one: without it a process can abort at
+    exit while the group's background threads still run (seen as SIGABRT, "terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_mean(value, world):
     """The mean of a float over all processes (the value itself in one process)."""
     if world == 1:
