@@ -22,13 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import diffusion_utilities as du  # noqa: E402
-from course_tools.metrics import classifier_outputs, frechet_distance  # noqa: E402
+from course_tools.metrics import _real_sets, classifier_outputs, frechet_distance  # noqa: E402
 from course_tools.runs import describe_device  # noqa: E402
 
 WEIGHTINGS = {
@@ -61,9 +60,8 @@ def main(argv=None):
     images, labels, _ = du.load_sprites()
     classifier = du.load_pretrained("classifier", "cpu")
     n = 500
-    perm = np.random.default_rng(0).permutation(len(labels))
-    ref, _ = classifier_outputs(classifier, du.to_tensor_images(images[perm[:n]]))
-    gen_labels = torch.as_tensor(labels[perm[n:2 * n]])
+    ref, _, gen_labels = _real_sets(classifier, images, labels, n, 0)  # the sets evaluate and terminal_snr.py use
+    gen_labels = torch.as_tensor(gen_labels)
     original, rows = du.diffusion_loss, []
     try:
         for name in names:
