@@ -5,6 +5,7 @@ course module.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -34,11 +35,16 @@ def describe_device(device):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file.
+
+    The bytes depend on obj alone: torch.save records the file's name inside the file, so it saves to a
+    buffer, not under the temporary name. Exporting the same weights again gives the same sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
-    torch.save(obj, tmp)
+    tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, path)
 
 

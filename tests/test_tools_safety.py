@@ -75,8 +75,17 @@ def test_second_training_on_one_folder_fails_at_once(tiny_npz, tmp_path):
 
 
 def test_checkpoint_temp_files_are_per_process(tmp_path, monkeypatch):
-    names = []
-    real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (names.append(str(f)), real_save(obj, f, *a, **k)))
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (moves.append((str(src), str(dst))), real_replace(src, dst)))
     save_atomic({"a": torch.ones(1)}, tmp_path / "ck.pt")
-    assert names == [str(tmp_path / f"ck.pt.{os.getpid()}.tmp")]
+    assert moves == [(str(tmp_path / f"ck.pt.{os.getpid()}.tmp"), str(tmp_path / "ck.pt"))]
+
+
+def test_saved_bytes_depend_on_the_weights_alone(tmp_path):
+    weights = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}
+    save_atomic(weights, tmp_path / "a.pt")
+    save_atomic(dict(weights), tmp_path / "other_name.pt")  # same weights, another file name
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
+    save_atomic({**weights, "w": weights["w"] + 1}, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() != (tmp_path / "a.pt").read_bytes()
