@@ -31,6 +31,7 @@ from course_tools.runs import describe_device, save_atomic
 from diffusion_utilities import (
     DATA_FILE,
     WEIGHTS_DIR,
+    ContextUnet,
     TrainConfig,
     fast_settings,
     get_device,
@@ -155,9 +156,12 @@ def _cmd_export(args):
     if ck["step"] < cfg["steps"]:
         raise SystemExit(f"export: {run} stopped at step {ck['step']} of {cfg['steps']}; finish it first with "
                          f"`python diffusion_utilities.py train --out {run} --resume` (and the same settings)")
+    model_args = ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
+    weights = read_weights(run / "checkpoint.pt")[0]
+    if args.average_snapshots:
+        weights = _average_with_snapshots(weights, run, args.average_snapshots, model_args)
     made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
-            "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"),
-            "args": ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}}
+            "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"), "args": model_args}
     if ck.get("class_names"):
         made["class_names"] = list(ck["class_names"])
     if ck.get("schedule"):
@@ -167,12 +171,13 @@ def _cmd_export(args):
     k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
     curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
     (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
-    save_atomic(read_weights(run / "checkpoint.pt")[0], wdir / f"{args.name}.pt")
+    save_atomic(weights, wdir / f"{args.name}.pt")
     minutes = args.train_minutes
     if minutes is None and "train_seconds" in ck:
         minutes = round(ck["train_seconds"] / 60, 1)
+    averaged = {"averaged_with_snapshots": sorted(args.average_snapshots)} if args.average_snapshots else {}
     add_to_manifest(args.name, f"{args.name}.pt", weights_dir=wdir, step=ck["step"],
-                    train_minutes=minutes, **made)
+                    train_minutes=minutes, **averaged, **made)
     snaps = sorted(run.glob("snap_*.pt"))
     fresh = {f"{args.name}_step{int(snap.stem.split('_')[1]):06d}" for snap in snaps}
     if (wdir / "manifest.json").exists():  # snapshots of an earlier export that this run does not have
@@ -185,6 +190,22 @@ def _cmd_export(args):
         add_to_manifest(name, f"{name}.pt", weights_dir=wdir, step=step,
                         note="EMA snapshot during the same run (fp16)", **made)
     print(f"exported {args.name} (step {ck['step']}) and {len(snaps)} snapshots to {wdir}")
+
+
+def _average_with_snapshots(final, run, steps, model_args):
+    """The mean of the final EMA weights and the EMA snapshots saved at these steps: an average over more of
+    the end of training than the EMA alone (post-hoc averaging of stored snapshots, as in Karras et al. 2024,
+    "Analyzing and Improving the Training Dynamics of Diffusion Models"). Only the parameters are averaged;
+    BatchNorm's running statistics stay the final ones (averaging them too was measured worse,
+    benchmarks/ema_length.json)."""
+    have = sorted(int(p.stem.split("_")[1]) for p in run.glob("snap_*.pt"))
+    missing = sorted(set(steps) - set(have))
+    if missing:
+        raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} (it has {have or 'none'}); "
+                         "save them with `train --snapshots STEP ...`")
+    params = {name for name, _ in ContextUnet(**model_args).named_parameters()}
+    snaps = [read_weights(run / f"snap_{step:06d}.pt")[0] for step in sorted(set(steps))]
+    return {k: (sum([v, *(s[k] for s in snaps)]) / (1 + len(snaps)) if k in params else v) for k, v in final.items()}
 
 
 def _cmd_train_classifier(args):
@@ -355,6 +376,9 @@ def main(argv=None):
                     help="write into the course's weights/ instead, replacing what ships")
     ex.add_argument("--train-minutes", type=float, default=None, help="wall-clock training time to record "
                     "(default: as measured in the checkpoint)")
+    ex.add_argument("--average-snapshots", type=int, nargs="+", default=[], metavar="STEP",
+                    help="ship the mean of the final EMA weights and the run's EMA snapshots at these steps "
+                         "(a longer average; the shipped model uses 4000)")
     ex.set_defaults(func=_cmd_export)
 
     tc = sub.add_parser("train-classifier", help="train the SpriteClassifier the metrics use",

@@ -53,6 +53,28 @@ def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
     du.load_pretrained("tiny", "cpu", weights_dir=wdir)  # the sha256 still matches after the update
 
 
+def test_export_averages_parameters_with_snapshots(tiny_npz, tmp_path):
+    cfg = du.TrainConfig(steps=4, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
+    du.train(cfg, tmp_path / "run", data_path=tiny_npz, progress=False, device="cpu")
+    wdir = tmp_path / "w"
+    with pytest.raises(SystemExit, match=r"no snapshot at step\(s\) \[3\] \(it has \[2\]\)"):
+        cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--average-snapshots", "3"])
+    assert not wdir.exists()  # refused before writing anything
+    cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--name", "tiny",
+              "--average-snapshots", "2"])
+    final = torch.load(tmp_path / "run" / "ema.pt", weights_only=True)["state_dict"]
+    snap = torch.load(tmp_path / "run" / "snap_000002.pt", weights_only=True)["state_dict"]
+    shipped = torch.load(wdir / "tiny.pt", weights_only=True)
+    params = {name for name, _ in du.ContextUnet(n_feat=8).named_parameters()}
+    for k, v in final.items():
+        if k in params:  # the plain mean of the two EMA copies
+            assert torch.allclose(shipped[k], (v + snap[k].float()) / 2, atol=1e-6), k
+        else:  # BatchNorm statistics stay the final ones
+            assert torch.equal(shipped[k], v), k
+    assert not torch.equal(shipped["out.3.weight"], final["out.3.weight"])
+    assert cman.read_manifest(wdir)["tiny"]["averaged_with_snapshots"] == [2]
+
+
 def test_load_pretrained_verifies_sha256(tmp_path):
     model = _tiny_weights(tmp_path)
     loaded = du.load_pretrained("tiny", device="cpu", weights_dir=tmp_path)
