@@ -369,7 +369,7 @@ def main(argv=None):
                                     "--to-weights touches the shipped weights/.")
     ex.add_argument("--run", default="runs/sprites")
     ex.add_argument("--name", default="sprites")
-    ex.add_argument("--command", default=None, help="the training command to record")
+    ex.add_argument("--command", default=None, help="the commands that made the weights, to record in the manifest")
     ex.add_argument("--weights-dir", default="outputs/export",
                     help="where to write the files and their manifest (default outputs/export)")
     ex.add_argument("--to-weights", action="store_true",
