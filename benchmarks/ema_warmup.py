@@ -2,8 +2,9 @@
 
     python benchmarks/ema_warmup.py --out runs/ema_warmup      # the shipped run's settings: 25-45 min + 6 min
 
-`EMA` ramps its decay as min(decay, (1 + n) / (ema_warmup + n)), so until n reaches ~9,000 the ramp sets how
-long the average is: about the last 1 / (ema_warmup - 1) of the steps so far. This trains the shipped model's
+`EMA` ramps its decay as min(decay, (1 + n) / (ema_warmup + n)): until the ramp reaches the decay (0.999 after
+about 1,000 x (ema_warmup - 1) steps) it sets how long the average is, about the last 1 / (ema_warmup - 1) of the
+steps so far; after that the decay does (about the last 1,000 steps). This trains the shipped model's
 run once (`train --steps 5600 --terminal-signal 0.004 --seed 0`, `--ema-warmup` of the main EMA = the first of
 --warmups) and keeps further EMA copies with the other --warmups beside it; they read the same weights at every
 step and never touch training, so all of them see one trajectory (the warm-up-10 copy is the shipped recipe's
