@@ -49,6 +49,16 @@ def variants(run, steps):
         yield name, model.eval()
 
 
+def fid_row(model, classifier, ref, mix, seed, amp_dtype):
+    """Sprite-FID of DDIM-25 eta 0 and DDIM-50 eta 1 (w = 0) for samples of the class mix, against ref."""
+    row = {}
+    for k, eta in [(25, 0.0), (50, 1.0)]:
+        x, _ = generate(model, du.model_schedule(model), mix, "ddim", k, eta, 0.0, seed, amp_dtype=amp_dtype,
+                        progress=False)
+        row[f"DDIM-{k} eta {eta:g}"] = round(float(frechet_distance(classifier_outputs(classifier, x)[0], ref)), 3)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/ship30", help="a finished run with ema.pt and snap_<step>.pt files")
@@ -69,12 +79,8 @@ def main(argv=None):
            "ema_decay_at_end": round(min(cfg["ema_decay"], (1 + n_end) / (cfg["ema_warmup"] + n_end)), 5),
            "rows": []}
     for name, model in variants(run, args.steps):
-        schedule = du.model_schedule(model)
         for seed, (ref, _, mix) in sets.items():
-            row = {"weights": name, "seed": seed}
-            for k, eta in [(25, 0.0), (50, 1.0)]:
-                x, _ = generate(model, schedule, mix, "ddim", k, eta, 0.0, seed, amp_dtype=amp, progress=False)
-                row[f"DDIM-{k} eta {eta:g}"] = round(float(frechet_distance(classifier_outputs(classifier, x)[0], ref)), 3)
+            row = {"weights": name, "seed": seed, **fid_row(model, classifier, ref, mix, seed, amp)}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

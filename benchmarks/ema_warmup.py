@@ -23,8 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import diffusion_utilities as du  # noqa: E402
+from benchmarks.ema_length import fid_row  # noqa: E402
 from course_tools.cli import main as cli_main  # noqa: E402
-from course_tools.metrics import _real_sets, classifier_outputs, frechet_distance, generate  # noqa: E402
+from course_tools.metrics import _real_sets  # noqa: E402
 from course_tools.runs import describe_device  # noqa: E402
 
 
@@ -77,10 +78,8 @@ def main(argv=None):
            "rows": []}
     for w in sorted(args.warmups):
         model = du.load_model(out / f"ema_warmup{w}.pt", "cpu")
-        row = {"ema_warmup": w, "ema_decay_at_end": round(min(0.999, 5601 / (w + 5600)), 5)}
-        for k, eta in [(25, 0.0), (50, 1.0)]:
-            x, _ = generate(model, du.model_schedule(model), mix, "ddim", k, eta, 0.0, 0, amp_dtype=amp, progress=False)
-            row[f"DDIM-{k} eta {eta:g}"] = round(float(frechet_distance(classifier_outputs(classifier, x)[0], ref)), 3)
+        row = {"ema_warmup": w, "ema_decay_at_end": round(min(0.999, 5601 / (w + 5600)), 5),
+               **fid_row(model, classifier, ref, mix, 0, amp)}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
