@@ -20,6 +20,7 @@ seed `evaluate` uses (seed 0), and on other real sets and noise (seed 1) as a he
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -37,14 +38,14 @@ from course_tools.runs import describe_device  # noqa: E402
 def variants(run, steps):
     """(name, model) for the final EMA and its averages with the snapshots at steps."""
     final = du.load_model(run / "ema.pt", "cpu")
-    args, state = du.model_args(final), final.state_dict()
-    params = _average_with_snapshots(state, run, steps, args)
-    snaps = [du.read_weights(run / f"snap_{s:06d}.pt")[0] for s in steps]
-    everything = {k: (sum([v, *(s[k] for s in snaps)]) / (1 + len(snaps)) if v.is_floating_point() else v)
-                  for k, v in state.items()}
-    for name, weights in [("final EMA", state), (f"mean with snapshot(s) {steps}", params),
-                          (f"mean with snapshot(s) {steps}, BatchNorm statistics averaged too", everything)]:
-        model = du.load_model(run / "ema.pt", "cpu")
+    state = final.state_dict()
+    params = {name for name, _ in final.named_parameters()}
+    floats = {k for k, v in state.items() if v.is_floating_point()}  # the parameters and BatchNorm statistics
+    for name, weights in [("final EMA", state),
+                          (f"mean with snapshot(s) {steps}", _average_with_snapshots(state, run, steps, keys=params)),
+                          (f"mean with snapshot(s) {steps}, BatchNorm statistics averaged too",
+                           _average_with_snapshots(state, run, steps, keys=floats))]:
+        model = copy.deepcopy(final)
         model.load_state_dict(weights)
         yield name, model.eval()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5600  # the shipped run's length (weights/manifest.json)
 sys.path.insert(0, str(ROOT))
 import diffusion_utilities as du  # noqa: E402
 from benchmarks.ema_length import fid_row  # noqa: E402
@@ -47,7 +48,7 @@ def train_with_extra_emas(out, warmups):
 
     du.EMA = ManyEMA
     try:
-        cli_main(["train", "--out", str(out), "--steps", "5600", "--terminal-signal", "0.004", "--seed", "0",
+        cli_main(["train", "--out", str(out), "--steps", str(STEPS), "--terminal-signal", "0.004", "--seed", "0",
                   "--threads", "2", "--ema-warmup", str(warmups[0])])
     finally:
         du.EMA = base_ema
@@ -78,7 +79,7 @@ def main(argv=None):
            "rows": []}
     for w in sorted(args.warmups):
         model = du.load_model(out / f"ema_warmup{w}.pt", "cpu")
-        row = {"ema_warmup": w, "ema_decay_at_end": round(min(0.999, 5601 / (w + 5600)), 5),
+        row = {"ema_warmup": w, "ema_decay_at_end": round(min(0.999, (1 + STEPS) / (w + STEPS)), 5),
                **fid_row(model, classifier, ref, mix, 0, amp)}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)

@@ -159,7 +159,8 @@ def _cmd_export(args):
     model_args = ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
     weights = read_weights(run / "checkpoint.pt")[0]
     if args.average_snapshots:
-        weights = _average_with_snapshots(weights, run, args.average_snapshots, model_args)
+        params = {name for name, _ in ContextUnet(**model_args).named_parameters()}
+        weights = _average_with_snapshots(weights, run, args.average_snapshots, keys=params)
     made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
             "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"), "args": model_args}
     if ck.get("class_names"):
@@ -192,20 +193,19 @@ def _cmd_export(args):
     print(f"exported {args.name} (step {ck['step']}) and {len(snaps)} snapshots to {wdir}")
 
 
-def _average_with_snapshots(final, run, steps, model_args):
+def _average_with_snapshots(final, run, steps, *, keys):
     """The mean of the final EMA weights and the EMA snapshots saved at these steps: an average over more of
     the end of training than the EMA alone (post-hoc averaging of stored snapshots, as in Karras et al. 2024,
-    "Analyzing and Improving the Training Dynamics of Diffusion Models"). Only the parameters are averaged;
-    BatchNorm's running statistics stay the final ones (averaging them too was measured worse,
-    benchmarks/ema_length.json)."""
+    "Analyzing and Improving the Training Dynamics of Diffusion Models"). Only the entries named in keys are
+    averaged, the rest stay the final ones: export averages the parameters and keeps BatchNorm's running
+    statistics (averaging them too was measured worse, benchmarks/ema_length.json)."""
     have = sorted(int(p.stem.split("_")[1]) for p in run.glob("snap_*.pt"))
     missing = sorted(set(steps) - set(have))
     if missing:
         raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} (it has {have or 'none'}); "
                          "save them with `train --snapshots STEP ...`")
-    params = {name for name, _ in ContextUnet(**model_args).named_parameters()}
     snaps = [read_weights(run / f"snap_{step:06d}.pt")[0] for step in sorted(set(steps))]
-    return {k: (sum([v, *(s[k] for s in snaps)]) / (1 + len(snaps)) if k in params else v) for k, v in final.items()}
+    return {k: (sum([v, *(s[k] for s in snaps)]) / (1 + len(snaps)) if k in keys else v) for k, v in final.items()}
 
 
 def _cmd_train_classifier(args):
