@@ -921,7 +921,20 @@ def _prepare_context(context, n_sample, model, guide_w):
     return context.float().to(_model_device(model))
 
 
-def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype=None):
+def _check_guide_interval(guide_interval, T):
+    """None (guide at every step) or two integer steps (low, high), 0 <= low <= high <= T."""
+    if guide_interval is None:
+        return None
+    ok = (isinstance(guide_interval, (tuple, list)) and len(guide_interval) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in guide_interval)
+          and 0 <= guide_interval[0] <= guide_interval[1] <= T)
+    if not ok:
+        raise ValueError(f"guide_interval must be two integer steps (low, high) with 0 <= low <= high <= {T}; "
+                         f"guidance then acts only where low <= t <= high (None: at every step), got {guide_interval!r}")
+    return int(guide_interval[0]), int(guide_interval[1])
+
+
+def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype=None, guide_interval=None):
     """The network's noise estimate at integer step t in 0..T, with classifier-free guidance.
 
     eps = (1 + w) * eps(x, c) - w * eps(x, zero context); w = 0 is the plain conditional estimate.
@@ -929,10 +942,16 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype
     eps = sqrt(ab_t) * v + sqrt(1 - ab_t) * x_t (substitute x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
     into v's definition). context: (B, n_cfeat) floats or None. amp_dtype=torch.bfloat16 runs the
     network under autocast (faster on CPUs with native bf16); the sampler's own arithmetic stays fp32.
+    guide_interval=(low, high): guide only where low <= t <= high, elsewhere w = 0 (a "guidance
+    interval", Kynkaanniemi et al. 2024: guidance at the noisiest steps narrows what gets drawn
+    more than it helps the class show).
     """
     _check_images(x)
     if not isinstance(t, (int, np.integer)) or not 0 <= t <= schedule.T:
         raise ValueError(f"t must be an integer step in 0..{schedule.T}, got {t!r}")
+    low, high = _check_guide_interval(guide_interval, schedule.T) or (0, schedule.T)
+    if not low <= t <= high:
+        guide_w = 0.0
     B = x.shape[0]
     tt = torch.full((B,), t / schedule.T, device=x.device, dtype=x.dtype)
     with autocast_context(x.device, amp_dtype):
@@ -968,7 +987,7 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None):
+def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None, guide_interval=None):
     """What every sampler does first: check its inputs, move the schedule and context to the model's
     device, and draw x_T (or check the one given). Any nn.Module with ContextUnet's call signature
     model(x, t/T, context) and its attributes in_channels, h and n_cfeat can be sampled
@@ -981,6 +1000,7 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=
         raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
     device = _model_device(model)
     context = _prepare_context(context, n_sample, model, guide_w)
+    _check_guide_interval(guide_interval, schedule.T)
     shape = (n_sample, model.in_channels, model.h, model.h)
     if x_T is None:
         x = _randn(shape, generator, device)
@@ -994,13 +1014,14 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=
 
 @torch.no_grad()
 def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_rate=20, generator=None,
-                add_noise=True, progress=False, amp_dtype=None):
+                add_noise=True, progress=False, amp_dtype=None, guide_interval=None):
     """Generate n_sample images with the full DDPM reverse process (T network calls).
 
     Returns (samples, intermediates): samples (n_sample, 3, H, W) float in about [-1, 1];
     intermediates a numpy array (frames, n_sample, 3, H, W): x_T, then x_t for every t divisible
     by save_rate and the last few steps, ending with the final samples.
-    context: None, class ids (n_sample,), or contexts (n_sample, n_cfeat); guide_w: guidance weight.
+    context: None, class ids (n_sample,), or contexts (n_sample, n_cfeat); guide_w: guidance weight;
+    guide_interval: (low, high) steps where guidance acts (None: every step), as in predict_noise.
     generator: a seeded torch.Generator (on the CPU) for reproducible samples.
     add_noise=False never re-injects noise: the course's "incorrect" sampler (see sample_ddpm_incorrect).
     progress shows a tqdm bar; amp_dtype as in predict_noise.
@@ -1009,11 +1030,13 @@ def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_ra
 
     if not isinstance(save_rate, int) or save_rate < 1:
         raise ValueError(f"save_rate must be a positive integer, got {save_rate!r}")
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator,
+                                           guide_interval=guide_interval)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM", mininterval=1):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype,
+                                guide_interval=guide_interval)
             z = _randn(x.shape, generator, x.device) if (add_noise and t > 1) else torch.zeros_like(x)
             x = denoise_add_noise(x, t, eps, schedule, z=z)
             if (t - 1) % save_rate == 0 or t - 1 < 8:
@@ -1043,23 +1066,25 @@ def ddim_timesteps(T, n_steps):
 
 @torch.no_grad()
 def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None, guide_w=0.0, generator=None,
-                progress=False, amp_dtype=None, x_T=None):
+                progress=False, amp_dtype=None, x_T=None, guide_interval=None):
     """Generate n_sample images with DDIM in n_steps network calls (any n_steps in 1..T).
 
     Returns (samples, intermediates) like sample_ddpm; intermediates has n_steps + 1 frames (x_T and
     the result of every step). eta=0 is deterministic given the starting noise; eta=1 adds DDPM-like
-    noise. context, guide_w, generator, progress and amp_dtype as in sample_ddpm. x_T: start from this
+    noise. context, guide_w, guide_interval, generator, progress and amp_dtype as in sample_ddpm. x_T: start from this
     noise (n_sample, C, H, W) instead of drawing it, e.g. one made by invert_ddim (notebook 7).
     """
     from tqdm.auto import tqdm
 
     _check_eta(eta)
     steps = ddim_timesteps(schedule.T, n_steps)
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T,
+                                           guide_interval)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM"):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype,
+                                guide_interval=guide_interval)
             z = _randn(x.shape, generator, x.device) if eta > 0 else None
             x = denoise_ddim(x, t, t_prev, eps, schedule, eta=eta, z=z)
             frames.append(x.cpu().numpy())
@@ -1205,7 +1230,7 @@ def logsnr_timesteps(schedule, n_steps):
 
 @torch.no_grad()
 def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, guide_w=0.0, generator=None,
-                      progress=False, amp_dtype=None, x_T=None):
+                      progress=False, amp_dtype=None, x_T=None, guide_interval=None):
     """Generate n_sample images with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in n_steps network calls.
 
     Same ODE as eta-0 DDIM, solved with a second-order multistep method: each step reuses the
@@ -1220,11 +1245,13 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
     from tqdm.auto import tqdm
 
     steps = logsnr_timesteps(schedule, n_steps)
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T,
+                                           guide_interval)
     frames, x0_prev, h_prev = [x.cpu().numpy()], None, None
     with _EvalMode(model):
         for s, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DPM-Solver++"):
-            eps = predict_noise(model, x, s, schedule, context, guide_w, amp_dtype=amp_dtype)
+            eps = predict_noise(model, x, s, schedule, context, guide_w, amp_dtype=amp_dtype,
+                                guide_interval=guide_interval)
             x0 = predict_x0(x, s, eps, schedule)
             if t == 0:
                 x = x0

@@ -87,12 +87,12 @@ def _cmd_sample(args):
     schedule = model_schedule(model)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator().manual_seed(args.seed)
+    common = dict(context=labels, guide_w=args.guide_w, generator=gen, progress=True,
+                  guide_interval=args.guide_interval and tuple(args.guide_interval))
     if args.sampler == "ddpm":
-        x, frames = sample_ddpm(model, len(labels), schedule, context=labels, guide_w=args.guide_w, generator=gen,
-                                progress=True)
+        x, frames = sample_ddpm(model, len(labels), schedule, **common)
     else:
-        x, frames = sample_ddim(model, len(labels), schedule, n_steps=args.steps or 25, eta=args.eta,
-                                context=labels, guide_w=args.guide_w, generator=gen, progress=True)
+        x, frames = sample_ddim(model, len(labels), schedule, n_steps=args.steps or 25, eta=args.eta, **common)
     save_grid_png(x, args.out, nrow=args.per_class)
     print(f"wrote {args.out}")
     if args.gif:
@@ -156,6 +156,11 @@ def _cmd_export(args):
     if ck["step"] < cfg["steps"]:
         raise SystemExit(f"export: {run} stopped at step {ck['step']} of {cfg['steps']}; finish it first with "
                          f"`python diffusion_utilities.py train --out {run} --resume` (and the same settings)")
+    have = {int(p.stem.split("_")[1]): p for p in sorted(run.glob("snap_*.pt"))}
+    missing = sorted(set(args.snapshots or []) - set(have))
+    if missing:
+        raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} to ship (it has {sorted(have) or 'none'})")
+    snaps = {step: have[step] for step in (have if args.snapshots is None else sorted(set(args.snapshots)))}
     model_args = ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
     weights = read_weights(run / "checkpoint.pt")[0]
     if args.average_snapshots:
@@ -172,25 +177,42 @@ def _cmd_export(args):
     k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
     curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
     (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
-    save_atomic(weights, wdir / f"{args.name}.pt")
+    # self-describing like ema.pt and the snapshots, so that load_model(file) rebuilds the right network and schedule
+    extras = {k: ck[k] for k in ("schedule", "class_names") if ck.get(k)}
+    save_atomic({"model_args": model_args, "state_dict": weights, "step": ck["step"], **extras}, wdir / f"{args.name}.pt")
     minutes = args.train_minutes
     if minutes is None and "train_seconds" in ck:
         minutes = round(ck["train_seconds"] / 60, 1)
     averaged = {"averaged_with_snapshots": sorted(args.average_snapshots)} if args.average_snapshots else {}
     add_to_manifest(args.name, f"{args.name}.pt", weights_dir=wdir, step=ck["step"],
                     train_minutes=minutes, **averaged, **made)
-    snaps = sorted(run.glob("snap_*.pt"))
-    fresh = {f"{args.name}_step{int(snap.stem.split('_')[1]):06d}" for snap in snaps}
-    if (wdir / "manifest.json").exists():  # snapshots of an earlier export that this run does not have
+    fresh = {f"{args.name}_step{step:06d}" for step in snaps}
+    if (wdir / "manifest.json").exists():  # snapshots of an earlier export that this export does not ship
         for old in [n for n in read_manifest(wdir) if n.startswith(f"{args.name}_step") and n not in fresh]:
             remove_from_manifest(old, wdir)
-    for snap in snaps:
-        step = int(snap.stem.split("_")[1])
+    kept = 0
+    for step, snap in snaps.items():
         name = f"{args.name}_step{step:06d}"
-        save_atomic(torch.load(snap, map_location="cpu", weights_only=True), wdir / f"{name}.pt")
+        data = torch.load(snap, map_location="cpu", weights_only=True)
+        if _same_weights(wdir / f"{name}.pt", data["state_dict"]):
+            kept += 1  # a rerun of the same training: leave the file's bytes, and its sha256, as they are
+        else:
+            save_atomic(data, wdir / f"{name}.pt")
         add_to_manifest(name, f"{name}.pt", weights_dir=wdir, step=step,
                         note="EMA snapshot during the same run (fp16)", **made)
-    print(f"exported {args.name} (step {ck['step']}) and {len(snaps)} snapshots to {wdir}")
+    print(f"exported {args.name} (step {ck['step']}) and {len(snaps)} snapshots to {wdir}"
+          + (f" ({kept} already there with the same weights, left as they were)" if kept else ""))
+
+
+def _same_weights(path, state):
+    """True when path is a weights file whose weights equal state's, tensor for tensor (fp16 snapshots are
+    compared after read_weights' cast to fp32, which is exact); False when it is missing or unreadable."""
+    try:
+        old = read_weights(path)[0]
+    except (FileNotFoundError, ValueError):
+        return False
+    return old.keys() == state.keys() and all(torch.equal(old[k], v.float() if v.is_floating_point() else v)
+                                              for k, v in state.items())
 
 
 def _average_with_snapshots(final, run, steps, *, keys):
@@ -237,6 +259,9 @@ def _cmd_evaluate(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
+    interval, T = args.guide_interval and tuple(args.guide_interval), model_schedule(model).T
+    if interval and not 0 <= interval[0] <= interval[1] <= T:
+        raise SystemExit(f"evaluate: --guide-interval LOW HIGH needs 0 <= LOW <= HIGH <= {T}, got {list(interval)}")
     classifier = load_pretrained("classifier", device)
     images, labels, class_names = load_sprites(args.data)
     _, test_idx = split_indices(labels, seed=0)
@@ -254,7 +279,7 @@ def _cmd_evaluate(args):
     res, samples, nn_idx, dist = evaluate(model, classifier, model_schedule(model), images, labels, test_idx,
                                           class_names=class_names, n=args.n, seed=args.seed, amp_dtype=amp_dtype,
                                           ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
-                                          per_class=args.per_class, snapshots=snapshots)
+                                          per_class=args.per_class, snapshots=snapshots, guide_interval=interval)
     res["hardware"] = describe_device(device)
     res["command"] = command
     res["solvers"] = solvers
@@ -295,7 +320,7 @@ def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
     if ddim is not None:
         headline.update(fid_ddim25=ddim["fid"], kid_ddim25=ddim["kid"], accuracy_ddim25=ddim["accuracy"])
     if res["guidance"]:
-        best = max(res["guidance"], key=lambda g: g["balanced_accuracy"])
+        best = max((g for g in res["guidance"] if not g.get("guide_interval")), key=lambda g: g["balanced_accuracy"])
         headline.update(guided_accuracy=best["balanced_accuracy"], at_guide_w=best["guide_w"])
     metrics = {model_name: headline}
     metrics.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"], "accuracy_ddim25": v["accuracy"]}
@@ -356,6 +381,8 @@ def main(argv=None):
     sa.add_argument("--steps", type=int, default=None, help="DDIM steps (1..500, default 25)")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     sa.add_argument("--guide-w", type=float, default=2.0, help="classifier-free guidance weight")
+    sa.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="guide only at steps LOW <= t <= HIGH (default: every step)")
     sa.add_argument("--model", default="sprites", help="name in weights/manifest.json")
     sa.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
     sa.add_argument("--seed", type=int, default=0)
@@ -376,6 +403,8 @@ def main(argv=None):
                     help="write into the course's weights/ instead, replacing what ships")
     ex.add_argument("--train-minutes", type=float, default=None, help="wall-clock training time to record "
                     "(default: as measured in the checkpoint)")
+    ex.add_argument("--snapshots", type=int, nargs="*", default=None, metavar="STEP",
+                    help="which of the run's EMA snapshots to ship (default: all of them)")
     ex.add_argument("--average-snapshots", type=int, nargs="+", default=[], metavar="STEP",
                     help="ship the mean of the final EMA weights and the run's EMA snapshots at these steps "
                          "(a longer average; the shipped model uses 4000)")
@@ -413,6 +442,8 @@ def main(argv=None):
     ev.add_argument("--per-class", type=int, default=100, help="samples per class for guided accuracy")
     ev.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 25, 50, 100])
     ev.add_argument("--guide-ws", type=float, nargs="+", default=[0, 1, 2, 4])
+    ev.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="also score each w > 0 with guidance only at steps LOW <= t <= HIGH")
     ev.add_argument("--model", default="sprites")
     ev.add_argument("--snapshots", nargs="*", default=[], help="more manifest names to score with DDIM-25 only")
     ev.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")

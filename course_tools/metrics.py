@@ -172,10 +172,11 @@ NEAR_COPY_RMS = 0.06  # rms pixel difference (0..1 scale) below which a sample c
 
 
 def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide_w=0.0, seed=0,
-             batch_size=250, amp_dtype=None, progress=True):
+             batch_size=250, amp_dtype=None, progress=True, guide_interval=None):
     """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds).
 
-    sampler: "ddpm" (T steps), "ddim" or "dpm-solver" (n_steps network calls each)."""
+    sampler: "ddpm" (T steps), "ddim" or "dpm-solver" (n_steps network calls each);
+    guide_interval: the steps (low, high) where guidance acts, as in predict_noise."""
     from tqdm.auto import tqdm
 
     labels = torch.as_tensor(labels).long()
@@ -184,15 +185,13 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
     for i in tqdm(range(0, len(labels), batch_size), disable=not progress,
                   desc=f"{sampler}-{schedule.T if sampler == 'ddpm' else n_steps} w={guide_w}"):
         lab = labels[i:i + batch_size]
+        common = dict(context=lab, guide_w=guide_w, generator=gen, amp_dtype=amp_dtype, guide_interval=guide_interval)
         if sampler == "ddpm":
-            x, _ = sample_ddpm(model, len(lab), schedule, context=lab, guide_w=guide_w, save_rate=schedule.T, generator=gen,
-                               amp_dtype=amp_dtype)
+            x, _ = sample_ddpm(model, len(lab), schedule, save_rate=schedule.T, **common)
         elif sampler == "dpm-solver":
-            x, _ = sample_dpm_solver(model, len(lab), schedule, n_steps=n_steps, context=lab, guide_w=guide_w,
-                                     generator=gen, amp_dtype=amp_dtype)
+            x, _ = sample_dpm_solver(model, len(lab), schedule, n_steps=n_steps, **common)
         else:
-            x, _ = sample_ddim(model, len(lab), schedule, n_steps=n_steps, eta=eta, context=lab, guide_w=guide_w,
-                              generator=gen, amp_dtype=amp_dtype)
+            x, _ = sample_ddim(model, len(lab), schedule, n_steps=n_steps, eta=eta, **common)
         out.append(x.cpu())
     return torch.cat(out), time.time() - t0
 
@@ -231,7 +230,7 @@ def compare_solvers(model, classifier, schedule, images, labels, n=1000, seed=0,
 
 def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_names, n=1000, seed=0,
              guide_ws=(0, 1, 2, 4), ddim_steps=(10, 25, 50, 100), etas=(0.0, 1.0), per_class=100, guide_steps=25,
-             amp_dtype=None, progress=True, snapshots=None):
+             amp_dtype=None, progress=True, snapshots=None, guide_interval=None):
     """All the quality numbers of the shipped model, as a dict (see `python diffusion_utilities.py evaluate`).
 
     images, labels: the whole sprite set (uint8 (N, 16, 16, 3), (N,)); test_idx: the classifier's
@@ -239,6 +238,7 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
     samples, made for the class ids of n random real sprites, with n other real sprites; the
     real-vs-real floor compares two disjoint sets of n real sprites.
     snapshots: optional {name: model} scored the same way with DDIM-{guide_steps} only (training progress).
+    guide_interval: (low, high) steps; each w > 0 gets a second guided row with guidance only there.
     Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
     """
     labels = np.asarray(labels)
@@ -274,15 +274,17 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
                            "near_copy_fraction": float((dist < NEAR_COPY_RMS).mean())}
     balanced = np.repeat(np.arange(len(class_names)), per_class)
     res["guidance"] = []
-    for w in guide_ws:
+    settings = [(w, None) for w in guide_ws] + [(w, guide_interval) for w in guide_ws if w > 0 and guide_interval]
+    for w, interval in settings:
         x, _ = generate(model, schedule, gen_labels, "ddim", guide_steps, 0.0, w, seed, amp_dtype=amp_dtype,
-                        progress=progress)
+                        progress=progress, guide_interval=interval)
         xb, _ = generate(model, schedule, balanced, "ddim", guide_steps, 0.0, w, seed + 1, amp_dtype=amp_dtype,
-                         progress=progress)
+                         progress=progress, guide_interval=interval)
         _, pred = classifier_outputs(classifier, xb)
-        res["guidance"].append({"guide_w": w, **score(x), "class_accuracy": {
-            name: float((pred[balanced == c] == c).mean()) for c, name in enumerate(class_names)},
-            "balanced_accuracy": float((pred == balanced).mean())})
+        res["guidance"].append({"guide_w": w, "guide_interval": interval and list(interval), **score(x),
+                                "class_accuracy": {name: float((pred[balanced == c] == c).mean())
+                                                   for c, name in enumerate(class_names)},
+                                "balanced_accuracy": float((pred == balanced).mean())})
     res["snapshots"] = {}
     for name, snap in (snapshots or {}).items():
         x, _ = generate(snap, schedule, gen_labels, "ddim", guide_steps, 0.0, 0.0, seed, amp_dtype=amp_dtype,
@@ -316,8 +318,9 @@ def metrics_markdown(res, command):
               "| real held-out | – | – | " + " | ".join(f"{acc[c]:.0%}" for c in names)
               + f" | {np.mean([acc[c] for c in names]):.0%} |"]
     for g in res["guidance"]:
-        ca = g["class_accuracy"]
-        lines.append(f"| {g['guide_w']:g} | {g['fid']:.2f} | {g['kid']:.4f} | "
+        ca, interval = g["class_accuracy"], g.get("guide_interval")
+        where = f", only for {interval[0]} <= t <= {interval[1]}" if interval else ""
+        lines.append(f"| {g['guide_w']:g}{where} | {g['fid']:.2f} | {g['kid']:.4f} | "
                      + " | ".join(f"{ca[c]:.0%}" for c in names) + f" | {g['balanced_accuracy']:.0%} |")
     if res.get("snapshots"):
         lines += ["", f"## Training progress (DDIM-{res['guide_steps']}, eta 0, w = 0)", "",

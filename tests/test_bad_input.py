@@ -173,10 +173,23 @@ def test_bad_manifest(tmp_path):
         du.load_pretrained("x", "cpu", weights_dir=tmp_path)
 
 
+@pytest.mark.parametrize("bad", [(300, 100), (0, 501), (-1, 10), (1.5, 300), (True, 300), 300, (0, 100, 200)])
+def test_bad_guidance_interval_is_refused_before_sampling(tiny_model, schedule, bad):
+    with pytest.raises(ValueError, match="guide_interval must be two integer steps \\(low, high\\) with 0 <= low"):
+        du.sample_ddim(tiny_model, 2, schedule, n_steps=2, context=torch.tensor([0, 1]), guide_w=2.0, guide_interval=bad)
+    with pytest.raises(ValueError, match="guide_interval"):
+        du.predict_noise(tiny_model, torch.zeros(2, 3, 16, 16), 10, schedule, du.one_hot(torch.tensor([0, 1])), 2.0,
+                         guide_interval=bad)
+
+
 def test_sample_command_checks_its_arguments_first(tmp_path):
     for argv, message in [(["sample", "--out", str(tmp_path / "grid.txt")], "must end in an image format"),
                           (["sample", "--gif", str(tmp_path / "a.png")], "must end in .gif"),
-                          (["sample", "--sampler", "ddpm", "--steps", "5"], "DDPM always takes all 500 steps")]:
+                          (["sample", "--sampler", "ddpm", "--steps", "5"], "DDPM always takes all 500 steps"),
+                          (["sample", "--out", str(tmp_path / "g.png"), "--guide-interval", "400", "0"],
+                           "guide_interval must be two integer steps"),
+                          (["evaluate", "--out", str(tmp_path / "ev"), "--guide-interval", "0", "900"],
+                           "--guide-interval LOW HIGH needs 0 <= LOW <= HIGH <= 500")]:
         with pytest.raises(SystemExit, match=message):
             cli.main(argv)
     assert not list(tmp_path.iterdir())

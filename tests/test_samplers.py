@@ -141,6 +141,35 @@ def test_classifier_free_guidance_formula(schedule):
         assert torch.allclose(eps, ((1 + w) * e_c - w * 0.25).expand_as(x))
 
 
+def test_guidance_interval_guides_only_inside_it(schedule):
+    # Kynkaenniemi et al. 2024: outside [low, high] the estimate is the plain conditional one (w = 0).
+    m = ContextEcho()
+    x = torch.zeros(2, 3, 16, 16)
+    ctx = du.one_hot(torch.tensor([0, 1]))
+    e_c = (ctx[:, 0].view(2, 1, 1, 1) + 0.25).expand_as(x)
+    for t, guided in [(0, False), (99, False), (100, True), (250, True), (300, True), (301, False), (500, False)]:
+        eps = du.predict_noise(m, x, t, schedule, ctx, 3.0, guide_interval=(100, 300))
+        want = 4 * e_c - 3 * 0.25 if guided else e_c
+        assert torch.allclose(eps, want), t
+
+
+def test_guidance_interval_in_the_samplers(tiny_model):
+    s = du.make_schedule(10)  # DDIM-3 visits t = 10, 7, 3: no step lies in 4..6, every step in 0..10
+    ctx = torch.tensor([0, 4])
+
+    def ddim(**kw):
+        return du.sample_ddim(tiny_model, 2, s, n_steps=3, context=ctx, generator=torch.Generator().manual_seed(0), **kw)[0]
+
+    assert torch.equal(ddim(guide_w=2.0, guide_interval=(0, 10)), ddim(guide_w=2.0))
+    assert torch.equal(ddim(guide_w=2.0, guide_interval=(4, 6)), ddim())
+    assert not torch.allclose(ddim(guide_w=2.0, guide_interval=(5, 10)), ddim(guide_w=2.0))
+    for sampler in (du.sample_ddpm, du.sample_dpm_solver):
+        a, _ = sampler(tiny_model, 2, s, context=ctx, guide_w=2.0, guide_interval=(0, 10),
+                       generator=torch.Generator().manual_seed(1))
+        b, _ = sampler(tiny_model, 2, s, context=ctx, guide_w=2.0, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a, b), sampler.__name__
+
+
 def test_guidance_changes_samples_and_mode_is_restored(tiny_model):
     s = du.make_schedule(10)
     tiny_model.train()

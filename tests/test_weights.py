@@ -64,7 +64,11 @@ def test_export_averages_parameters_with_snapshots(tiny_npz, tmp_path):
               "--average-snapshots", "2"])
     final = torch.load(tmp_path / "run" / "ema.pt", weights_only=True)["state_dict"]
     snap = torch.load(tmp_path / "run" / "snap_000002.pt", weights_only=True)["state_dict"]
-    shipped = torch.load(wdir / "tiny.pt", weights_only=True)
+    shipped = du.read_weights(wdir / "tiny.pt")[0]
+    # the file describes itself: load_model alone rebuilds the same network and schedule as load_pretrained
+    alone, listed = du.load_model(wdir / "tiny.pt", "cpu"), du.load_pretrained("tiny", "cpu", weights_dir=wdir)
+    assert du.model_args(alone) == du.model_args(listed) and alone.prediction == "v"
+    assert alone.schedule_args == listed.schedule_args and alone.class_names == listed.class_names == du.load_sprites(tiny_npz)[2]
     params = {name for name, _ in du.ContextUnet(n_feat=8).named_parameters()}
     for k, v in final.items():
         if k in params:  # the plain mean of the two EMA copies
@@ -73,6 +77,33 @@ def test_export_averages_parameters_with_snapshots(tiny_npz, tmp_path):
             assert torch.equal(shipped[k], v), k
     assert not torch.equal(shipped["out.3.weight"], final["out.3.weight"])
     assert cman.read_manifest(wdir)["tiny"]["averaged_with_snapshots"] == [2]
+
+
+def test_export_ships_chosen_snapshots_and_keeps_unchanged_ones(tiny_npz, tmp_path):
+    cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[1, 2])
+    du.train(cfg, tmp_path / "run", data_path=tiny_npz, progress=False, device="cpu")
+    wdir, run = tmp_path / "w", str(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"no snapshot at step\(s\) \[5\] to ship \(it has \[1, 2\]\)"):
+        cli.main(["export", "--run", run, "--weights-dir", str(wdir), "--snapshots", "2", "5"])
+    assert not wdir.exists()  # refused before writing anything
+    cli.main(["export", "--run", run, "--weights-dir", str(wdir), "--name", "tiny", "--snapshots", "2"])
+    assert set(cman.read_manifest(wdir)) == {"tiny", "tiny_step000002"} and not (wdir / "tiny_step000001.pt").exists()
+    # The same weights with other metadata (as a rerun of the same training writes): the file stays byte for byte.
+    snap = wdir / "tiny_step000002.pt"
+    data = torch.load(snap, weights_only=True)
+    torch.save({**data, "train_seconds": 12345.0}, snap)
+    before = snap.read_bytes()
+    cli.main(["export", "--run", run, "--weights-dir", str(wdir), "--name", "tiny", "--snapshots", "2"])
+    assert snap.read_bytes() == before
+    assert cman.read_manifest(wdir)["tiny_step000002"]["sha256"] == cman.sha256_file(snap)
+    # Other weights are replaced.
+    changed = {k: (v + 1 if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
+    torch.save({**data, "state_dict": changed}, snap)
+    cli.main(["export", "--run", run, "--weights-dir", str(wdir), "--name", "tiny"])
+    assert torch.equal(torch.load(snap, weights_only=True)["state_dict"]["out.3.weight"],
+                       data["state_dict"]["out.3.weight"])
+    assert set(cman.read_manifest(wdir)) == {"tiny", "tiny_step000001", "tiny_step000002"}  # default: all of them
+    du.load_pretrained("tiny_step000002", "cpu", weights_dir=wdir)  # the sha256 matches
 
 
 def test_load_pretrained_verifies_sha256(tmp_path):
