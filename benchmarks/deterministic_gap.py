@@ -6,7 +6,8 @@ guidance at w >= 2 costs more sprite-FID than it did on the 101-minute model.
 Three checks, each at n = 1000 on the same real sets and class mix as `evaluate` (seed 0, bf16 autocast
 where the CPU has it):
 1. DDIM-25 (eta 0) with other timestep spacings than ddim_timesteps' uniform one: log-SNR (as DPM-Solver
-   uses) and quadratic (dense near t = 0).
+   uses), quadratic (dense near t = 0), and t = T (i / 25)^p for p = 0.85 (a little denser at high noise)
+   and 1.15 (a little denser at low noise).
 2. BatchNorm statistics re-estimated with the EMA weights (the EMA copy keeps the live network's running
    statistics): DDIM-25 eta 0, DDIM-50 eta 1 and guided DDIM-25 w = 2.
 3. Guidance only below a noise level (a "guidance interval", Kynkaenniemi et al. 2024): w = 2 applied for
@@ -97,7 +98,8 @@ def main(argv=None):
     T = schedule.T
     spacings = {"uniform (ddim_timesteps)": du.ddim_timesteps(T, 25),
                 "log-SNR (logsnr_timesteps)": du.logsnr_timesteps(schedule, 25),
-                "quadratic": sorted({round(T * (i / 25) ** 2) for i in range(26)}, reverse=True)}
+                **{name: sorted({round(T * (i / 25) ** p) for i in range(26)}, reverse=True)
+                   for name, p in [("quadratic", 2), ("power 0.85", 0.85), ("power 1.15", 1.15)]}}
     for name, steps in spacings.items():
         res["spacing"].append({"spacing": name, "calls": len(steps) - 1, "fid": fid(ddim(model, schedule, steps, mix, 0, amp))})
         print(json.dumps(res["spacing"][-1]), flush=True)
