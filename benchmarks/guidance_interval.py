@@ -1,8 +1,9 @@
-"""Guidance only where it helps: classifier-free guidance applied for t <= HIGH only (a "guidance
-interval", Kynkaenniemi et al. 2024), scored on a grid of guidance weights w and upper ends HIGH.
+"""Guidance only where it helps: classifier-free guidance applied for LOW <= t <= HIGH only (a "guidance
+interval", Kynkaenniemi et al. 2024), scored on a grid of guidance weights w and ends LOW (default 0), HIGH.
 
     python benchmarks/guidance_interval.py                  # the shipped model; about 8 minutes on 2 CPU cores
     python benchmarks/guidance_interval.py --weights F.pt   # a candidate before it ships
+    python benchmarks/guidance_interval.py --ws 2 4 --lows 100 --highs 400 --out benchmarks/guidance_interval_low.json
 
 Each row is DDIM-25 (eta 0) as in `evaluate`'s guidance table, on its real sets and seeds: sprite-FID of
 n samples made for the real data's class mix (seed 0) against n real sprites, and the classifier's
@@ -47,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
     ap.add_argument("--ws", type=float, nargs="+", default=[2.0, 4.0], help="guidance weights")
     ap.add_argument("--highs", type=int, nargs="+", default=[450, 400, 350], help="guide only for t <= these")
+    ap.add_argument("--lows", type=int, nargs="+", default=[0], help="... and t >= these (0: down to the image)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "guidance_interval.json"))
@@ -54,9 +56,9 @@ def main(argv=None):
     torch.set_num_threads(2)
     model = du.load_model(args.weights, "cpu") if args.weights else du.load_pretrained(args.model, "cpu")
     T = du.model_schedule(model).T
-    bad = [h for h in args.highs if not 0 <= h <= T]
+    bad = [(lo, h) for lo in args.lows for h in args.highs if not 0 <= lo <= h <= T]
     if bad:
-        raise SystemExit(f"--highs must lie in 0..{T}, got {bad}")
+        raise SystemExit(f"--lows and --highs need 0 <= low <= high <= {T}, got (low, high) {bad}")
     images, labels, _ = du.load_sprites()
     classifier = du.load_pretrained("classifier", "cpu")
     amp = du.fast_settings("cpu")[0]
@@ -65,8 +67,8 @@ def main(argv=None):
            "n": args.n, "per_class": args.per_class, "model": args.weights or args.model,
            "hardware": describe_device("cpu"), "rows": []}
     for w in args.ws:
-        for high in args.highs:
-            row = guided_row(model, classifier, ref, mix, w, (0, high), per_class=args.per_class, amp_dtype=amp)
+        for low, high in [(lo, h) for lo in args.lows for h in args.highs]:
+            row = guided_row(model, classifier, ref, mix, w, (low, high), per_class=args.per_class, amp_dtype=amp)
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
