@@ -987,7 +987,7 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None, guide_interval=None):
+def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None):
     """What every sampler does first: check its inputs, move the schedule and context to the model's
     device, and draw x_T (or check the one given). Any nn.Module with ContextUnet's call signature
     model(x, t/T, context) and its attributes in_channels, h and n_cfeat can be sampled
@@ -1000,7 +1000,6 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=
         raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
     device = _model_device(model)
     context = _prepare_context(context, n_sample, model, guide_w)
-    _check_guide_interval(guide_interval, schedule.T)
     shape = (n_sample, model.in_channels, model.h, model.h)
     if x_T is None:
         x = _randn(shape, generator, device)
@@ -1030,8 +1029,7 @@ def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_ra
 
     if not isinstance(save_rate, int) or save_rate < 1:
         raise ValueError(f"save_rate must be a positive integer, got {save_rate!r}")
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator,
-                                           guide_interval=guide_interval)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM", mininterval=1):
@@ -1078,8 +1076,7 @@ def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None,
 
     _check_eta(eta)
     steps = ddim_timesteps(schedule.T, n_steps)
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T,
-                                           guide_interval)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM"):
@@ -1245,8 +1242,7 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
     from tqdm.auto import tqdm
 
     steps = logsnr_timesteps(schedule, n_steps)
-    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T,
-                                           guide_interval)
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
     frames, x0_prev, h_prev = [x.cpu().numpy()], None, None
     with _EvalMode(model):
         for s, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DPM-Solver++"):

@@ -221,11 +221,34 @@ def compare_solvers(model, classifier, schedule, images, labels, n=1000, seed=0,
         for k in calls:
             x, secs = generate(model, schedule, gen_labels, sampler, k, 0.0, 0.0, seed, amp_dtype=amp_dtype,
                                progress=progress)
-            f, pred = classifier_outputs(classifier, x)
-            rows.append({"sampler": sampler, "calls": k, "s_per_sample": secs / n, "fid": frechet_distance(f, real_ref),
-                         "kid": kernel_inception_distance(f, real_ref)[0], "accuracy": float((pred == gen_labels).mean())})
+            rows.append({"sampler": sampler, "calls": k, "s_per_sample": secs / n,
+                         **sample_scores(classifier, x, real_ref, gen_labels)})
     return {"n": n, "seed": seed, "amp_dtype": str(amp_dtype), "floor_fid": frechet_distance(real_other, real_ref),
             "rows": rows}
+
+
+def sample_scores(classifier, x, real_ref, labels):
+    """FID and KID of samples x against the real features real_ref, and the share classified as labels."""
+    f, pred = classifier_outputs(classifier, x)
+    return {"fid": frechet_distance(f, real_ref), "kid": kernel_inception_distance(f, real_ref)[0],
+            "accuracy": float((pred == labels).mean())}
+
+
+def guided_scores(model, classifier, schedule, real_ref, gen_labels, class_names, guide_w, *, per_class=100,
+                  n_steps=25, seed=0, guide_interval=None, amp_dtype=None, progress=True):
+    """One row of evaluate's guidance table, DDIM-n_steps (eta 0) with guidance weight guide_w (only for t in
+    guide_interval when given): sample_scores of samples made for gen_labels (noise seed) against real_ref,
+    and the classifier's accuracy per class and balanced on per_class samples of every class (seed + 1)."""
+    x, _ = generate(model, schedule, gen_labels, "ddim", n_steps, 0.0, guide_w, seed, amp_dtype=amp_dtype,
+                    progress=progress, guide_interval=guide_interval)
+    balanced = np.repeat(np.arange(len(class_names)), per_class)
+    xb, _ = generate(model, schedule, balanced, "ddim", n_steps, 0.0, guide_w, seed + 1, amp_dtype=amp_dtype,
+                     progress=progress, guide_interval=guide_interval)
+    _, pred = classifier_outputs(classifier, xb)
+    return {"guide_w": guide_w, "guide_interval": guide_interval and list(guide_interval),
+            **sample_scores(classifier, x, real_ref, gen_labels),
+            "class_accuracy": {name: float((pred[balanced == c] == c).mean()) for c, name in enumerate(class_names)},
+            "balanced_accuracy": float((pred == balanced).mean())}
 
 
 def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_names, n=1000, seed=0,
@@ -253,11 +276,6 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
         "all": float((test_pred == test_lab).mean()),
         **{name: float((test_pred[test_lab == c] == c).mean()) for c, name in enumerate(class_names)}}
 
-    def score(x):
-        f, pred = classifier_outputs(classifier, x)
-        kid = kernel_inception_distance(f, real_ref)[0]
-        return {"fid": frechet_distance(f, real_ref), "kid": kid, "accuracy": float((pred == gen_labels).mean())}
-
     samplers = [("ddpm", schedule.T, 1.0, amp_dtype)] + [("ddim", k, e, amp_dtype) for e in etas for k in ddim_steps]
     if amp_dtype is not None:  # one row in plain fp32, to show that autocast does not change the quality
         samplers.append(("ddim", guide_steps, 0.0, None))
@@ -265,31 +283,23 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
     for name, steps, eta, amp in samplers:
         x, secs = generate(model, schedule, gen_labels, name, steps, eta, 0.0, seed, amp_dtype=amp,
                            progress=progress)
-        row = {"sampler": name, "steps": steps, "eta": eta, "autocast": str(amp), "s_per_sample": secs / n, **score(x)}
+        row = {"sampler": name, "steps": steps, "eta": eta, "autocast": str(amp), "s_per_sample": secs / n,
+               **sample_scores(classifier, x, real_ref, gen_labels)}
         res["samplers"].append(row)
         if name == "ddpm":
             ddpm_samples = x
     idx, dist, _ = nearest_neighbours(ddpm_samples, images)
     res["memorisation"] = {"sampler": "ddpm", "median_rms": float(np.median(dist)),
                            "near_copy_fraction": float((dist < NEAR_COPY_RMS).mean())}
-    balanced = np.repeat(np.arange(len(class_names)), per_class)
-    res["guidance"] = []
     settings = [(w, None) for w in guide_ws] + [(w, guide_interval) for w in guide_ws if w > 0 and guide_interval]
-    for w, interval in settings:
-        x, _ = generate(model, schedule, gen_labels, "ddim", guide_steps, 0.0, w, seed, amp_dtype=amp_dtype,
-                        progress=progress, guide_interval=interval)
-        xb, _ = generate(model, schedule, balanced, "ddim", guide_steps, 0.0, w, seed + 1, amp_dtype=amp_dtype,
-                         progress=progress, guide_interval=interval)
-        _, pred = classifier_outputs(classifier, xb)
-        res["guidance"].append({"guide_w": w, "guide_interval": interval and list(interval), **score(x),
-                                "class_accuracy": {name: float((pred[balanced == c] == c).mean())
-                                                   for c, name in enumerate(class_names)},
-                                "balanced_accuracy": float((pred == balanced).mean())})
+    res["guidance"] = [guided_scores(model, classifier, schedule, real_ref, gen_labels, class_names, w,
+                                     per_class=per_class, n_steps=guide_steps, seed=seed, guide_interval=interval,
+                                     amp_dtype=amp_dtype, progress=progress) for w, interval in settings]
     res["snapshots"] = {}
     for name, snap in (snapshots or {}).items():
         x, _ = generate(snap, schedule, gen_labels, "ddim", guide_steps, 0.0, 0.0, seed, amp_dtype=amp_dtype,
                         progress=progress)
-        res["snapshots"][name] = score(x)
+        res["snapshots"][name] = sample_scores(classifier, x, real_ref, gen_labels)
     return res, ddpm_samples, idx, dist
 
 
