@@ -726,7 +726,7 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
 def _train(config, out_dir, data_path, resume, minutes, device, progress, callback, stop_at):
     from tqdm.auto import tqdm
 
-    from course_tools.runs import RunState, all_generator_states, all_mean, distributed, save_atomic
+    from course_tools.runs import RunState, all_generator_states, all_mean, distributed, save_atomic, wait_for_all
 
     device = torch.device(device) if device is not None else get_device()
     rank, world, device = distributed(device)
@@ -783,6 +783,7 @@ def _train(config, out_dir, data_path, resume, minutes, device, progress, callba
     if run.step >= config.steps and rank == 0:
         save_atomic({**weights_file(ema.model), "class_names": data.class_names, "schedule": config.schedule_args()},
                     out_dir / "ema.pt")
+    wait_for_all(world)  # under torchrun, every process leaves once rank 0's files are written
     return run.history
 
 

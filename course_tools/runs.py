@@ -115,10 +115,21 @@ def distributed(device):
     return dist.get_rank(), world, device
 
 
+def wait_for_all(world):
+    """Hold every process here until all have arrived (nothing in one process). A run ends with it, so
+    that no process leaves the group while rank 0 is still writing the run's files."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def end_distributed():
     """Leave the torchrun process group, if this process joined one: without it a process can abort at
     exit while the group's background threads still run (seen as SIGABRT, "terminate called without an
-    active exception")."""
+    active exception"). Seen once more in CI with it, in the process that had finished first and left while
+    rank 0 was still writing its checkpoint: hence wait_for_all before it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import diffusion_utilities as du
@@ -54,28 +55,33 @@ def reference_run(data_path, steps, world=2):
     return model, history
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_npz, tmp_path):
-    out = tmp_path / "ddp"
-    torchrun(2, "--data", str(tiny_npz), "--out", str(out), *ARGS)
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def whole_run(tiny_npz_module, tmp_path_factory):
+    """3 steps in 2 gloo processes: the run both tests read (one torchrun job fewer in CI)."""
+    out = tmp_path_factory.mktemp("ddp") / "whole"
+    torchrun(2, "--data", str(tiny_npz_module), "--out", str(out), *ARGS)
+    return out
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_npz_module, whole_run):
+    ck = torch.load(whole_run / "checkpoint.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["generators"]) == 2 and ck["step"] == 3
-    model, history = reference_run(tiny_npz, 3)
+    model, history = reference_run(tiny_npz_module, 3)
     # Tolerance: the two runs add the same numbers in a different order (gloo's all-reduce against
     # autograd), so weights agree to float32 rounding, well below one Adam step (lr 1e-3).
     assert torch.allclose(torch.tensor(ck["history"]), torch.tensor(history), rtol=1e-4, atol=1e-5)
     for name, value in model.state_dict().items():
         assert torch.allclose(ck["model"][name], value, atol=1e-5), name
-    assert (out / "ema.pt").exists() and not list(out.glob("LOCK"))
+    assert (whole_run / "ema.pt").exists() and not list(whole_run.glob("LOCK"))
 
 
-def test_resume_under_torchrun_continues_the_same_run(tiny_npz, tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    torchrun(2, "--data", str(tiny_npz), "--out", str(whole), *ARGS)
+def test_resume_under_torchrun_continues_the_same_run(tiny_npz_module, whole_run, tmp_path):
+    split = tmp_path / "split"
     # 2 steps, then a resumed third: the same weights as 3 steps in one go
     args = [a if a != "3" or i != 1 else "2" for i, a in enumerate(ARGS)]
-    torchrun(2, "--data", str(tiny_npz), "--out", str(split), *args)
-    torchrun(2, "--data", str(tiny_npz), "--out", str(split), "--resume", *ARGS)
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    torchrun(2, "--data", str(tiny_npz_module), "--out", str(split), *args)
+    torchrun(2, "--data", str(tiny_npz_module), "--out", str(split), "--resume", *ARGS)
+    a = torch.load(whole_run / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
     assert b["step"] == 3 and a["history"][:2] == b["history"][:2]
     # with warm-up 1, steps 0 and 1 get the same learning rate whether 2 or 3 steps are planned, so the
