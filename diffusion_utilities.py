@@ -6,7 +6,7 @@
     Notebook 2  Model                             ContextUnet (eps- or v-prediction)
     Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA, train
     Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
-    Notebook 5  Context and guidance              predict_noise (classifier-free guidance)
+    Notebook 5  Context and guidance              predict_noise (classifier-free guidance), rescale_guidance
     Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
     Appendix    pictures, weights                 show_images, plot_sample, load_pretrained, model_schedule
@@ -935,7 +935,26 @@ def _check_guide_interval(guide_interval, T):
     return int(guide_interval[0]), int(guide_interval[1])
 
 
-def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype=None, guide_interval=None):
+def rescale_guidance(guided, cond, phi):
+    """Guidance rescale (Lin et al. 2024, sec. 3.4): guided * std(cond) / std(guided), blended with guided.
+
+    guided, cond: the network's guided and conditional outputs (B, C, H, W); std is over each sample's
+    values. Extrapolating with w inflates the guided output's spread, and the image comes out
+    over-saturated; scaling it back to the conditional output's spread undoes that. phi in [0, 1]
+    blends: 0 is plain guidance, 1 full rescale (the paper suggests 0.7; our grid, 0.85).
+    """
+    rescaled = guided * (cond.std(dim=(1, 2, 3), keepdim=True) / guided.std(dim=(1, 2, 3), keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def _check_guide_rescale(phi):
+    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi <= 1:
+        raise ValueError(f"guide_rescale must be a number in [0, 1] (0: plain guidance, 1: full rescale), got {phi!r}")
+    return float(phi)
+
+
+def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype=None, guide_interval=None,
+                  guide_rescale=0.0):
     """The network's noise estimate at integer step t in 0..T, with classifier-free guidance.
 
     eps = (1 + w) * eps(x, c) - w * eps(x, zero context); w = 0 is the plain conditional estimate.
@@ -945,12 +964,14 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype
     network under autocast (faster on CPUs with native bf16); the sampler's own arithmetic stays fp32.
     guide_interval=(low, high): guide only where low <= t <= high, elsewhere w = 0 (a "guidance
     interval", Kynkaanniemi et al. 2024: guidance at the noisiest steps narrows what gets drawn
-    more than it helps the class show).
+    more than it helps the class show). guide_rescale=phi: see rescale_guidance; it acts on what the
+    network predicts (v for a v-model, as in the paper), before the conversion to eps.
     """
     _check_images(x)
     if not isinstance(t, (int, np.integer)) or not 0 <= t <= schedule.T:
         raise ValueError(f"t must be an integer step in 0..{schedule.T}, got {t!r}")
     low, high = _check_guide_interval(guide_interval, schedule.T) or (0, schedule.T)
+    guide_rescale = _check_guide_rescale(guide_rescale)
     if not low <= t <= high:
         guide_w = 0.0
     B = x.shape[0]
@@ -962,6 +983,8 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype
             both = model(torch.cat([x, x]), torch.cat([tt, tt]),
                          torch.cat([context, torch.zeros_like(context)])).float()
             out = (1 + guide_w) * both[:B] - guide_w * both[B:]  # linear, so the same in v or eps
+            if guide_rescale > 0:
+                out = rescale_guidance(out, both[:B], guide_rescale)
     if getattr(model, "prediction", "eps") == "v":
         ab = schedule.ab_t[t].to(x.device)
         out = ab.sqrt() * out + (1 - ab).sqrt() * x
@@ -1014,14 +1037,15 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=
 
 @torch.no_grad()
 def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_rate=20, generator=None,
-                add_noise=True, progress=False, amp_dtype=None, guide_interval=None):
+                add_noise=True, progress=False, amp_dtype=None, guide_interval=None, guide_rescale=0.0):
     """Generate n_sample images with the full DDPM reverse process (T network calls).
 
     Returns (samples, intermediates): samples (n_sample, 3, H, W) float in about [-1, 1];
     intermediates a numpy array (frames, n_sample, 3, H, W): x_T, then x_t for every t divisible
     by save_rate and the last few steps, ending with the final samples.
     context: None, class ids (n_sample,), or contexts (n_sample, n_cfeat); guide_w: guidance weight;
-    guide_interval: (low, high) steps where guidance acts (None: every step), as in predict_noise.
+    guide_interval: (low, high) steps where guidance acts (None: every step), and guide_rescale (phi in
+    [0, 1], see rescale_guidance), as in predict_noise.
     generator: a seeded torch.Generator (on the CPU) for reproducible samples.
     add_noise=False never re-injects noise: the course's "incorrect" sampler (see sample_ddpm_incorrect).
     progress shows a tqdm bar; amp_dtype as in predict_noise.
@@ -1035,7 +1059,7 @@ def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_ra
     with _EvalMode(model):
         for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM", mininterval=1):
             eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype,
-                                guide_interval=guide_interval)
+                                guide_interval=guide_interval, guide_rescale=guide_rescale)
             z = _randn(x.shape, generator, x.device) if (add_noise and t > 1) else torch.zeros_like(x)
             x = denoise_add_noise(x, t, eps, schedule, z=z)
             if (t - 1) % save_rate == 0 or t - 1 < 8:
@@ -1065,13 +1089,14 @@ def ddim_timesteps(T, n_steps):
 
 @torch.no_grad()
 def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None, guide_w=0.0, generator=None,
-                progress=False, amp_dtype=None, x_T=None, guide_interval=None):
+                progress=False, amp_dtype=None, x_T=None, guide_interval=None, guide_rescale=0.0):
     """Generate n_sample images with DDIM in n_steps network calls (any n_steps in 1..T).
 
     Returns (samples, intermediates) like sample_ddpm; intermediates has n_steps + 1 frames (x_T and
     the result of every step). eta=0 is deterministic given the starting noise; eta=1 adds DDPM-like
-    noise. context, guide_w, guide_interval, generator, progress and amp_dtype as in sample_ddpm. x_T: start from this
-    noise (n_sample, C, H, W) instead of drawing it, e.g. one made by invert_ddim (notebook 7).
+    noise. context, guide_w, guide_interval, guide_rescale, generator, progress and amp_dtype as in
+    sample_ddpm. x_T: start from this noise (n_sample, C, H, W) instead of drawing it, e.g. one made by
+    invert_ddim (notebook 7).
     """
     from tqdm.auto import tqdm
 
@@ -1082,7 +1107,7 @@ def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None,
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM"):
             eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype,
-                                guide_interval=guide_interval)
+                                guide_interval=guide_interval, guide_rescale=guide_rescale)
             z = _randn(x.shape, generator, x.device) if eta > 0 else None
             x = denoise_ddim(x, t, t_prev, eps, schedule, eta=eta, z=z)
             frames.append(x.cpu().numpy())
@@ -1228,7 +1253,7 @@ def logsnr_timesteps(schedule, n_steps):
 
 @torch.no_grad()
 def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, guide_w=0.0, generator=None,
-                      progress=False, amp_dtype=None, x_T=None, guide_interval=None):
+                      progress=False, amp_dtype=None, x_T=None, guide_interval=None, guide_rescale=0.0):
     """Generate n_sample images with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in n_steps network calls.
 
     Same ODE as eta-0 DDIM, solved with a second-order multistep method: each step reuses the
@@ -1248,7 +1273,7 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
     with _EvalMode(model):
         for s, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DPM-Solver++"):
             eps = predict_noise(model, x, s, schedule, context, guide_w, amp_dtype=amp_dtype,
-                                guide_interval=guide_interval)
+                                guide_interval=guide_interval, guide_rescale=guide_rescale)
             x0 = predict_x0(x, s, eps, schedule)
             if t == 0:
                 x = x0

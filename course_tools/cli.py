@@ -88,7 +88,7 @@ def _cmd_sample(args):
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(context=labels, guide_w=args.guide_w, generator=gen, progress=True,
-                  guide_interval=args.guide_interval and tuple(args.guide_interval))
+                  guide_interval=args.guide_interval and tuple(args.guide_interval), guide_rescale=args.guide_rescale)
     if args.sampler == "ddpm":
         x, frames = sample_ddpm(model, len(labels), schedule, **common)
     else:
@@ -262,6 +262,8 @@ def _cmd_evaluate(args):
     interval, T = args.guide_interval and tuple(args.guide_interval), model_schedule(model).T
     if interval and not 0 <= interval[0] <= interval[1] <= T:
         raise SystemExit(f"evaluate: --guide-interval LOW HIGH needs 0 <= LOW <= HIGH <= {T}, got {list(interval)}")
+    if args.guide_rescale is not None and not 0 < args.guide_rescale <= 1:
+        raise SystemExit(f"evaluate: --guide-rescale needs a number in (0, 1], got {args.guide_rescale}")
     classifier = load_pretrained("classifier", device)
     images, labels, class_names = load_sprites(args.data)
     _, test_idx = split_indices(labels, seed=0)
@@ -279,7 +281,8 @@ def _cmd_evaluate(args):
     res, samples, nn_idx, dist = evaluate(model, classifier, model_schedule(model), images, labels, test_idx,
                                           class_names=class_names, n=args.n, seed=args.seed, amp_dtype=amp_dtype,
                                           ddim_steps=tuple(args.ddim_steps), guide_ws=tuple(args.guide_ws),
-                                          per_class=args.per_class, snapshots=snapshots, guide_interval=interval)
+                                          per_class=args.per_class, snapshots=snapshots, guide_interval=interval,
+                                          guide_rescale=args.guide_rescale)
     res["hardware"] = describe_device(device)
     res["command"] = command
     res["solvers"] = solvers
@@ -320,7 +323,8 @@ def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
     if ddim is not None:
         headline.update(fid_ddim25=ddim["fid"], kid_ddim25=ddim["kid"], accuracy_ddim25=ddim["accuracy"])
     if res["guidance"]:
-        best = max((g for g in res["guidance"] if not g.get("guide_interval")), key=lambda g: g["balanced_accuracy"])
+        plain = [g for g in res["guidance"] if not g.get("guide_interval") and not g.get("guide_rescale")]
+        best = max(plain, key=lambda g: g["balanced_accuracy"])
         headline.update(guided_accuracy=best["balanced_accuracy"], at_guide_w=best["guide_w"])
     metrics = {model_name: headline}
     metrics.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"], "accuracy_ddim25": v["accuracy"]}
@@ -383,6 +387,8 @@ def main(argv=None):
     sa.add_argument("--guide-w", type=float, default=2.0, help="classifier-free guidance weight")
     sa.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help="guide only at steps LOW <= t <= HIGH (default: every step)")
+    sa.add_argument("--guide-rescale", type=float, default=0.0, metavar="PHI",
+                    help="guidance rescale, 0..1 (0: plain guidance; 0.85 scored best, see weights/metrics.md)")
     sa.add_argument("--model", default="sprites", help="name in weights/manifest.json")
     sa.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
     sa.add_argument("--seed", type=int, default=0)
@@ -444,6 +450,8 @@ def main(argv=None):
     ev.add_argument("--guide-ws", type=float, nargs="+", default=[0, 1, 2, 4])
     ev.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help="also score each w > 0 with guidance only at steps LOW <= t <= HIGH")
+    ev.add_argument("--guide-rescale", type=float, default=None, metavar="PHI",
+                    help="also score each w > 0 with guidance rescaled by PHI in (0, 1]")
     ev.add_argument("--model", default="sprites")
     ev.add_argument("--snapshots", nargs="*", default=[], help="more manifest names to score with DDIM-25 only")
     ev.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")

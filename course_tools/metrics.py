@@ -172,11 +172,11 @@ NEAR_COPY_RMS = 0.06  # rms pixel difference (0..1 scale) below which a sample c
 
 
 def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide_w=0.0, seed=0,
-             batch_size=250, amp_dtype=None, progress=True, guide_interval=None):
+             batch_size=250, amp_dtype=None, progress=True, guide_interval=None, guide_rescale=0.0):
     """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds).
 
     sampler: "ddpm" (T steps), "ddim" or "dpm-solver" (n_steps network calls each);
-    guide_interval: the steps (low, high) where guidance acts, as in predict_noise."""
+    guide_interval (the steps (low, high) where guidance acts) and guide_rescale as in predict_noise."""
     from tqdm.auto import tqdm
 
     labels = torch.as_tensor(labels).long()
@@ -185,7 +185,8 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
     for i in tqdm(range(0, len(labels), batch_size), disable=not progress,
                   desc=f"{sampler}-{schedule.T if sampler == 'ddpm' else n_steps} w={guide_w}"):
         lab = labels[i:i + batch_size]
-        common = dict(context=lab, guide_w=guide_w, generator=gen, amp_dtype=amp_dtype, guide_interval=guide_interval)
+        common = dict(context=lab, guide_w=guide_w, generator=gen, amp_dtype=amp_dtype, guide_interval=guide_interval,
+                      guide_rescale=guide_rescale)
         if sampler == "ddpm":
             x, _ = sample_ddpm(model, len(lab), schedule, save_rate=schedule.T, **common)
         elif sampler == "dpm-solver":
@@ -235,17 +236,17 @@ def sample_scores(classifier, x, real_ref, labels):
 
 
 def guided_scores(model, classifier, schedule, real_ref, gen_labels, class_names, guide_w, *, per_class=100,
-                  n_steps=25, seed=0, guide_interval=None, amp_dtype=None, progress=True):
+                  n_steps=25, seed=0, guide_interval=None, guide_rescale=0.0, amp_dtype=None, progress=True):
     """One row of evaluate's guidance table, DDIM-n_steps (eta 0) with guidance weight guide_w (only for t in
-    guide_interval when given): sample_scores of samples made for gen_labels (noise seed) against real_ref,
-    and the classifier's accuracy per class and balanced on per_class samples of every class (seed + 1)."""
-    x, _ = generate(model, schedule, gen_labels, "ddim", n_steps, 0.0, guide_w, seed, amp_dtype=amp_dtype,
-                    progress=progress, guide_interval=guide_interval)
+    guide_interval when given, rescaled by guide_rescale): sample_scores of samples made for gen_labels (noise
+    seed) against real_ref, and the classifier's accuracy per class and balanced on per_class samples of every
+    class (seed + 1)."""
+    guidance = dict(guide_interval=guide_interval, guide_rescale=guide_rescale, amp_dtype=amp_dtype, progress=progress)
+    x, _ = generate(model, schedule, gen_labels, "ddim", n_steps, 0.0, guide_w, seed, **guidance)
     balanced = np.repeat(np.arange(len(class_names)), per_class)
-    xb, _ = generate(model, schedule, balanced, "ddim", n_steps, 0.0, guide_w, seed + 1, amp_dtype=amp_dtype,
-                     progress=progress, guide_interval=guide_interval)
+    xb, _ = generate(model, schedule, balanced, "ddim", n_steps, 0.0, guide_w, seed + 1, **guidance)
     _, pred = classifier_outputs(classifier, xb)
-    return {"guide_w": guide_w, "guide_interval": guide_interval and list(guide_interval),
+    return {"guide_w": guide_w, "guide_interval": guide_interval and list(guide_interval), "guide_rescale": guide_rescale,
             **sample_scores(classifier, x, real_ref, gen_labels),
             "class_accuracy": {name: float((pred[balanced == c] == c).mean()) for c, name in enumerate(class_names)},
             "balanced_accuracy": float((pred == balanced).mean())}
@@ -253,7 +254,7 @@ def guided_scores(model, classifier, schedule, real_ref, gen_labels, class_names
 
 def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_names, n=1000, seed=0,
              guide_ws=(0, 1, 2, 4), ddim_steps=(10, 25, 50, 100), etas=(0.0, 1.0), per_class=100, guide_steps=25,
-             amp_dtype=None, progress=True, snapshots=None, guide_interval=None):
+             amp_dtype=None, progress=True, snapshots=None, guide_interval=None, guide_rescale=None):
     """All the quality numbers of the shipped model, as a dict (see `python diffusion_utilities.py evaluate`).
 
     images, labels: the whole sprite set (uint8 (N, 16, 16, 3), (N,)); test_idx: the classifier's
@@ -262,6 +263,7 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
     real-vs-real floor compares two disjoint sets of n real sprites.
     snapshots: optional {name: model} scored the same way with DDIM-{guide_steps} only (training progress).
     guide_interval: (low, high) steps; each w > 0 gets a second guided row with guidance only there.
+    guide_rescale: phi in (0, 1]; each w > 0 gets one more row with guidance rescaled (rescale_guidance).
     Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
     """
     labels = np.asarray(labels)
@@ -291,10 +293,12 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
     idx, dist, _ = nearest_neighbours(ddpm_samples, images)
     res["memorisation"] = {"sampler": "ddpm", "median_rms": float(np.median(dist)),
                            "near_copy_fraction": float((dist < NEAR_COPY_RMS).mean())}
-    settings = [(w, None) for w in guide_ws] + [(w, guide_interval) for w in guide_ws if w > 0 and guide_interval]
+    settings = ([(w, None, 0.0) for w in guide_ws] + [(w, guide_interval, 0.0) for w in guide_ws if w > 0 and guide_interval]
+                + [(w, None, guide_rescale) for w in guide_ws if w > 0 and guide_rescale])
     res["guidance"] = [guided_scores(model, classifier, schedule, real_ref, gen_labels, class_names, w,
                                      per_class=per_class, n_steps=guide_steps, seed=seed, guide_interval=interval,
-                                     amp_dtype=amp_dtype, progress=progress) for w, interval in settings]
+                                     guide_rescale=phi, amp_dtype=amp_dtype, progress=progress)
+                       for w, interval, phi in settings]
     res["snapshots"] = {}
     for name, snap in (snapshots or {}).items():
         x, _ = generate(snap, schedule, gen_labels, "ddim", guide_steps, 0.0, 0.0, seed, amp_dtype=amp_dtype,
@@ -328,8 +332,9 @@ def metrics_markdown(res, command):
               "| real held-out | – | – | " + " | ".join(f"{acc[c]:.0%}" for c in names)
               + f" | {np.mean([acc[c] for c in names]):.0%} |"]
     for g in res["guidance"]:
-        ca, interval = g["class_accuracy"], g.get("guide_interval")
+        ca, interval, phi = g["class_accuracy"], g.get("guide_interval"), g.get("guide_rescale")
         where = f", only for {interval[0]} <= t <= {interval[1]}" if interval else ""
+        where += f", rescaled (phi {phi:g})" if phi else ""
         lines.append(f"| {g['guide_w']:g}{where} | {g['fid']:.2f} | {g['kid']:.4f} | "
                      + " | ".join(f"{ca[c]:.0%}" for c in names) + f" | {g['balanced_accuracy']:.0%} |")
     if res.get("snapshots"):

@@ -182,6 +182,12 @@ def test_bad_guidance_interval_is_refused_before_sampling(tiny_model, schedule, 
                          guide_interval=bad)
 
 
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.7", True, None])
+def test_bad_guidance_rescale_is_refused(tiny_model, schedule, bad):
+    with pytest.raises(ValueError, match="guide_rescale must be a number in \\[0, 1\\]"):
+        du.sample_ddim(tiny_model, 2, schedule, n_steps=2, context=torch.tensor([0, 1]), guide_w=2.0, guide_rescale=bad)
+
+
 def test_sample_command_checks_its_arguments_first(tmp_path):
     for argv, message in [(["sample", "--out", str(tmp_path / "grid.txt")], "must end in an image format"),
                           (["sample", "--gif", str(tmp_path / "a.png")], "must end in .gif"),
@@ -189,7 +195,11 @@ def test_sample_command_checks_its_arguments_first(tmp_path):
                           (["sample", "--out", str(tmp_path / "g.png"), "--guide-interval", "400", "0"],
                            "guide_interval must be two integer steps"),
                           (["evaluate", "--out", str(tmp_path / "ev"), "--guide-interval", "0", "900"],
-                           "--guide-interval LOW HIGH needs 0 <= LOW <= HIGH <= 500")]:
+                           "--guide-interval LOW HIGH needs 0 <= LOW <= HIGH <= 500"),
+                          (["sample", "--out", str(tmp_path / "g.png"), "--guide-rescale", "1.5"],
+                           "guide_rescale must be a number in"),
+                          (["evaluate", "--out", str(tmp_path / "ev"), "--guide-rescale", "0"],
+                           "--guide-rescale needs a number in \\(0, 1\\]")]:
         with pytest.raises(SystemExit, match=message):
             cli.main(argv)
     assert not list(tmp_path.iterdir())

@@ -58,17 +58,20 @@ def test_evaluate_small_n(tmp_path):
     clf = cm.SpriteClassifier().eval()
     res, samples, idx, dist = cm.evaluate(model, clf, du.make_schedule(10), images, labels, np.arange(0, 2718, 50),
                                           class_names=names, n=12, ddim_steps=(2,), etas=(0.0,), guide_ws=(0, 1),
-                                          per_class=2, guide_steps=2, progress=False, guide_interval=(0, 4),
+                                          per_class=2, guide_steps=2, progress=False, guide_interval=(0, 4), guide_rescale=0.5,
                                           snapshots={"early": du.ContextUnet(n_feat=8).eval()})
     assert [r["sampler"] for r in res["samplers"]] == ["ddpm", "ddim"]
     assert res["floor"]["fid"] >= 0 and all(np.isfinite(r["fid"]) for r in res["samplers"])
-    # w = 0 and 1 at every step, then w = 1 with guidance only for t <= 4 (DDIM-2 visits 10 and 5: unguided)
-    assert [(g["guide_w"], g["guide_interval"]) for g in res["guidance"]] == [(0, None), (1, None), (1, [0, 4])]
+    # w = 0 and 1 at every step, then w = 1 with guidance only for t <= 4 (DDIM-2 visits 10 and 5: unguided),
+    # then w = 1 rescaled
+    assert [(g["guide_w"], g["guide_interval"], g["guide_rescale"]) for g in res["guidance"]] == [
+        (0, None, 0.0), (1, None, 0.0), (1, [0, 4], 0.0), (1, None, 0.5)]
     assert list(res["guidance"][0]["class_accuracy"]) == names
     assert res["guidance"][2]["fid"] == pytest.approx(res["guidance"][0]["fid"])
     assert samples.shape == (12, 3, 16, 16) and idx.shape == dist.shape == (12,)
     md = cm.metrics_markdown(res, "python diffusion_utilities.py evaluate --n 12")
     assert "| DDPM | 10 |" in md and "--n 12" in md and "| early |" in md and "| 1, only for 0 <= t <= 4 |" in md
+    assert "| 1, rescaled (phi 0.5) |" in md
     assert set(res["snapshots"]["early"]) == {"fid", "kid", "accuracy"}
     png = cm.memorisation_figure(samples, dist, idx, images, tmp_path / "mem.png", n_pairs=4)
     assert png.exists()

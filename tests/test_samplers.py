@@ -153,6 +153,52 @@ def test_guidance_interval_guides_only_inside_it(schedule):
         assert torch.allclose(eps, want), t
 
 
+class ContextPattern(du.ContextUnet):
+    """out(x, c) = c_0 * P + Q for two fixed random fields P, Q: conditional and unconditional outputs
+    with different spreads, so a guidance rescale has something to undo."""
+
+    def __init__(self):
+        super().__init__(n_feat=8)
+        g = torch.Generator().manual_seed(5)
+        self.P, self.Q = torch.randn(3, 16, 16, generator=g), 0.3 * torch.randn(3, 16, 16, generator=g)
+
+    def forward(self, x, t, c=None):
+        c = torch.zeros(x.shape[0], 5) if c is None else c
+        return c[:, :1, None, None] * self.P + self.Q
+
+
+def test_guidance_rescale_against_numpy(schedule):
+    # Lin et al. 2024, sec. 3.4: g = (1 + w) cond - w uncond; out = phi g std(cond) / std(g) + (1 - phi) g,
+    # std over each sample's values (numpy's population std: the ratio does not depend on the ddof).
+    m = ContextPattern()
+    x = torch.zeros(2, 3, 16, 16)
+    ctx = du.one_hot(torch.tensor([0, 1]))
+    P, Q, c0 = m.P.numpy(), m.Q.numpy(), ctx[:, 0].numpy()
+    for w, phi in [(2.0, 0.0), (2.0, 0.7), (4.0, 1.0)]:
+        out = du.predict_noise(m, x, 100, schedule, ctx, w, guide_rescale=phi).numpy()
+        for i in range(2):
+            cond = c0[i] * P + Q
+            g = (1 + w) * cond - w * Q
+            want = phi * g * cond.std() / g.std() + (1 - phi) * g
+            np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
+    full = du.predict_noise(m, x, 100, schedule, ctx, 4.0, guide_rescale=1.0)
+    cond = du.predict_noise(m, x, 100, schedule, ctx, 0.0)
+    # full rescale: the guided output keeps the conditional output's spread, whatever w
+    assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-5)
+
+
+def test_guidance_rescale_in_the_samplers(tiny_model):
+    s = du.make_schedule(10)
+    ctx = torch.tensor([0, 4])
+    for sampler, steps in [(du.sample_ddpm, {}), (du.sample_ddim, {"n_steps": 4}), (du.sample_dpm_solver, {"n_steps": 4})]:
+        def run(**kw):
+            return sampler(tiny_model, 2, s, context=ctx, generator=torch.Generator().manual_seed(2), **steps, **kw)[0]
+
+        assert torch.equal(run(guide_w=2.0, guide_rescale=0.0), run(guide_w=2.0)), sampler.__name__
+        assert torch.equal(run(guide_w=0.0, guide_rescale=1.0), run()), sampler.__name__  # nothing to rescale
+        assert not torch.allclose(run(guide_w=2.0, guide_rescale=1.0), run(guide_w=2.0)), sampler.__name__
+
+
 def test_guidance_interval_in_the_samplers(tiny_model):
     s = du.make_schedule(10)  # DDIM-3 visits t = 10, 7, 3: no step lies in 4..6, every step in 0..10
     ctx = torch.tensor([0, 4])
