@@ -388,7 +388,7 @@ def main(argv=None):
     sa.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help="guide only at steps LOW <= t <= HIGH (default: every step)")
     sa.add_argument("--guide-rescale", type=float, default=0.0, metavar="PHI",
-                    help="guidance rescale, 0..1 (0: plain guidance; 0.85 scored best, see weights/metrics.md)")
+                    help="guidance rescale phi, 0..1 (0: plain guidance; evaluate scores 0.85, see weights/metrics.md)")
     sa.add_argument("--model", default="sprites", help="name in weights/manifest.json")
     sa.add_argument("--weights", default=None, help="a weights or checkpoint file instead of --model")
     sa.add_argument("--seed", type=int, default=0)
