@@ -30,7 +30,7 @@ import math
 import os
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +114,8 @@ def augment_batch(images, *, flip=True, generator=None):
     """
     x = images.float() / 255 * 2 - 1
     if flip:
-        mirror = torch.rand(x.shape[0], generator=generator) < 0.5
+        where = generator.device if generator is not None else x.device  # a CPU generator may drive a GPU batch
+        mirror = (torch.rand(x.shape[0], generator=generator, device=where) < 0.5).to(x.device)
         x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
     return x
 
@@ -166,11 +167,14 @@ def fast_settings(device):
     """(amp_dtype, memory_format) that train fastest on device without hurting quality.
 
     channels_last + bf16 autocast trained ~1.9x faster than fp32 on an AVX512-BF16 CPU with the
-    same loss curve; on CPUs without native bf16 we keep fp32.
+    same loss curve. bf16 only where the hardware has it natively: CUDA GPUs of compute capability
+    8.0 or newer (Ampere on; `torch.cuda.is_bf16_supported()` also answers True on a T4, where it is
+    emulated and cuDNN has no bf16 convolutions) and CPUs with AVX512-BF16 or AMX. Elsewhere fp32.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else None), torch.channels_last
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return (torch.bfloat16 if native else None), torch.channels_last
     if device.type == "cpu" and cpu_supports_bf16():
         return torch.bfloat16, torch.channels_last
     return None, torch.contiguous_format
@@ -494,7 +498,7 @@ def velocity(x0, noise, t, schedule):
 
 
 def timestep_probabilities(schedule, kind="uniform"):
-    """How training draws t: probabilities over 1..T, shape (T,).
+    """How training draws t: probabilities over 1..T, shape (T,), on the CPU.
 
     "uniform" (DDPM's). "lognormal" puts the mass where the loss is learnable: the noise level
     sigma_t = sqrt((1 - ab_t) / ab_t) is drawn log-normally, ln sigma ~ N(-1.2, 1.2^2) (Karras et al.
@@ -506,7 +510,8 @@ def timestep_probabilities(schedule, kind="uniform"):
         return torch.full((T,), 1.0 / T)
     if kind != "lognormal":
         raise ValueError(f"t sampling must be 'uniform' or 'lognormal', got {kind!r}")
-    log_sigma = 0.5 * torch.log((1 - schedule.ab_t.double()) / schedule.ab_t.double())  # -inf at t = 0
+    ab = schedule.ab_t.detach().cpu().double()  # float64 on the CPU only (Apple's GPUs have none)
+    log_sigma = 0.5 * torch.log((1 - ab) / ab)  # -inf at t = 0
     density = torch.exp(-0.5 * ((log_sigma[1:] + 1.2) / 1.2) ** 2)
     width = torch.diff(log_sigma).clamp(min=0)
     width[0] = log_sigma[2] - log_sigma[1]  # the first step starts at sigma = 0 (log -inf)
@@ -721,6 +726,27 @@ def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, devi
             return _train(config, Path(out_dir), data_path, resume, minutes, device, progress, callback, stop_at)
         finally:
             end_distributed()  # a torchrun job's processes leave their group together
+
+
+def plan_steps(config, seconds, *, min_steps=1, data_path=DATA_FILE, device=None, probe_steps=10):
+    """How many steps of config fit in a wait of `seconds` on this machine: (steps, seconds per step).
+
+    Times a short throwaway run of the same recipe (probe_steps steps; the first 3 warm up and are
+    left out) and returns the steps that fit, between min_steps and config.steps. Notebook 3 plans its
+    run with it, so a learner on a slower CPU waits about as long as one on a fast one, for fewer steps.
+    """
+    import tempfile
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"seconds must be a positive number (the wait you accept), got {seconds!r}")
+    stamps = []
+    probe = replace(config, steps=probe_steps, warmup=min(config.warmup, probe_steps),
+                                checkpoint_every=probe_steps, snapshot_steps=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        train(probe, tmp, data_path=data_path, device=device, progress=False,
+              callback=lambda step, loss: stamps.append(time.perf_counter()))
+    per_step = float(np.median(np.diff(stamps[2:])))
+    return max(1, min_steps, min(config.steps, int(seconds / per_step))), per_step
 
 
 def _train(config, out_dir, data_path, resume, minutes, device, progress, callback, stop_at):
@@ -1154,16 +1180,19 @@ def slerp(a, b, t):
     a and b (Shoemake 1985). Gaussian noise in many dimensions lives near a sphere of radius sqrt(D);
     a straight line between two noises cuts inside it (at t = 0.5 its norm drops by about 1/sqrt(2)),
     which the model has never seen; slerp keeps the norm for equal-norm inputs. Nearly parallel
-    inputs fall back to a straight line.
+    inputs fall back to a straight line. theta = 2 atan2(|u_a - u_b|, |u_a + u_b|) for the unit vectors
+    u: accurate at every angle in float32 (arccos of the cosine loses half the digits near 0), so no
+    float64 is needed on GPUs that lack it.
     """
     if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape:
         raise ValueError(f"a and b must be tensors of the same shape, got {getattr(a, 'shape', type(a))} "
                          f"and {getattr(b, 'shape', type(b))}")
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
         raise ValueError(f"t must be a number in [0, 1] (0 gives a, 1 gives b), got {t!r}")
-    fa, fb = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
-    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1)).clamp(min=1e-12)
-    theta = torch.arccos(cos.clamp(-1, 1)).view(-1, 1)
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    fa, fb = a.reshape(len(a), -1).to(dtype), b.reshape(len(b), -1).to(dtype)
+    ua, ub = fa / fa.norm(dim=1, keepdim=True).clamp(min=1e-12), fb / fb.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    theta = 2 * torch.atan2((ua - ub).norm(dim=1, keepdim=True), (ua + ub).norm(dim=1, keepdim=True))
     sin = torch.sin(theta)
     near = sin.abs() < 1e-6
     wa = torch.where(near, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / sin.where(~near, 1))
@@ -1231,8 +1260,9 @@ def inpaint(model, x_known, mask, schedule, *, n_steps=50, resample=5, context=N
 
 
 def _lambda(schedule, t):
-    """Half the log signal-to-noise ratio at step t: log(sqrt(ab_t) / sqrt(1 - ab_t)); +inf at t = 0."""
-    ab = schedule.ab_t[t].double()
+    """Half the log signal-to-noise ratio at step t: log(sqrt(ab_t) / sqrt(1 - ab_t)); +inf at t = 0.
+    Computed in float64 on the CPU (Apple's GPUs have no float64); returns a CPU tensor."""
+    ab = schedule.ab_t.detach().cpu().double()[t]
     return 0.5 * (torch.log(ab) - torch.log1p(-ab))
 
 
@@ -1373,9 +1403,10 @@ def animation_html(ani):
 # Appendix. Weights
 # ---------------------------------------------------------------------------------------------
 
-def read_weights(path, device="cpu"):
+def read_weights(path):
     """(state_dict with floats as fp32, model_args dict or {}, extras) from a weights file or a training
-    checkpoint, loaded safely (weights_only=True). extras: what the file records beside the weights,
+    checkpoint, loaded safely (weights_only=True) onto the CPU (a model moves itself after loading, so a
+    file saved on a GPU opens anywhere). extras: what the file records beside the weights,
     {"schedule": make_schedule's arguments, "class_names": [...]}, each only when present."""
     path = Path(path)
     if not path.exists():
@@ -1383,7 +1414,7 @@ def read_weights(path, device="cpu"):
                                 "of the repository; clone it whole, or train your own with "
                                 "`python diffusion_utilities.py train`.")
     try:
-        state, args = torch.load(path, map_location=device, weights_only=True), {}
+        state, args = torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as err:  # not a torch file, truncated, or pickled code that weights_only refuses
         raise ValueError(f"{path} is not a weights file or training checkpoint ({type(err).__name__}; files are "
                          "loaded weights only, so anything but tensors, including pickled code, is refused)") from None
@@ -1408,7 +1439,7 @@ def load_model(path, device=None, **model_args):
     names, where the file records them, to model.class_names.
     """
     device = torch.device(device) if device is not None else get_device()
-    state, saved, extras = read_weights(path, device)
+    state, saved, extras = read_weights(path)
     model = ContextUnet(**{**saved, **model_args})
     try:
         model.load_state_dict(state)
@@ -1441,7 +1472,7 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
         from course_tools.metrics import SpriteClassifier
 
         model = SpriteClassifier(**entry.get("args", {}))
-        model.load_state_dict(read_weights(path, device)[0])
+        model.load_state_dict(read_weights(path)[0])
         return model.to(device).eval()
     model = load_model(path, device, **entry.get("args", {}))
     model.schedule_args = model.schedule_args or entry.get("schedule", {})

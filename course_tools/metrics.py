@@ -109,7 +109,7 @@ def classifier_outputs(classifier, x, batch_size=500):
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(dev).float().clamp(-1, 1)
         f = classifier.features(xb)
-        feats.append(f.double().cpu())
+        feats.append(f.cpu().double())  # float64 on the CPU only (Apple's GPUs have none)
         preds.append(classifier.head(f).argmax(1).cpu())
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import GaussianOracle, OracleUnet
+from oracles import GaussianOracle, OracleUnet
 
 import diffusion_utilities as du
 

@@ -3,7 +3,7 @@ GroupNorm and a zero-initialised output, each against an independent formula."""
 import numpy as np
 import pytest
 import torch
-from conftest import OracleUnet
+from oracles import OracleUnet
 
 import diffusion_utilities as du
 from course_tools.runs import save_atomic

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import OracleUnet
+from oracles import OracleUnet
 
 import diffusion_utilities as du
 

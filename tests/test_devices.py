@@ -1,0 +1,150 @@
+"""Every public function works with the model on a GPU: on a stand-in CUDA device and a stand-in Apple
+(MPS) device (tests/standin_device.py), tensors meet on one device, float64 stays on the CPU, and seeded
+results equal the CPU's. Also: bf16 only where the hardware has it natively.
+"""
+import copy
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from standin_device import DeviceMismatch, OnStandin, StandinDevice
+
+import diffusion_utilities as du
+from course_tools.metrics import SpriteClassifier, classifier_outputs
+
+KINDS = ["cuda", "mps"]
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    torch.manual_seed(0)
+    return du.ContextUnet(n_feat=16, prediction="v", norm="group").eval()
+
+
+def on(kind, model):
+    return copy.deepcopy(model).to(kind)
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# Each case: name -> fn(model, schedule, device) returning a tensor or (tensor, frames). Inputs the
+# learner would pass from the CPU (contexts, masks, x_known, x_T) are given on the CPU on purpose.
+SCHEDULE = du.make_schedule(50, terminal_signal=0.004)  # 50 steps: the same code paths, 10x sooner
+CTX = torch.arange(4) % 5
+X0 = torch.rand(4, 3, 16, 16, generator=seeded(3)) * 2 - 1
+CASES = {
+    "sample_ddpm": lambda m, s, d: du.sample_ddpm(m, 4, s, context=CTX, guide_w=2.0, save_rate=25, generator=seeded(),
+                                                  guide_interval=(0, 40), guide_rescale=0.7),
+    "sample_ddpm_incorrect": lambda m, s, d: du.sample_ddpm_incorrect(m, 4, s, context=CTX, save_rate=25, generator=seeded()),
+    "sample_ddim": lambda m, s, d: du.sample_ddim(m, 4, s, n_steps=5, eta=0.5, context=CTX, guide_w=2.0, generator=seeded()),
+    "sample_dpm_solver": lambda m, s, d: du.sample_dpm_solver(m, 4, s, n_steps=5, context=CTX, guide_w=1.0,
+                                                              generator=seeded()),
+    "invert_ddim": lambda m, s, d: du.invert_ddim(m, X0, s, n_steps=5, context=CTX),
+    "inpaint": lambda m, s, d: du.inpaint(m, X0, (torch.arange(16) < 8).float().expand(1, 1, 16, 16), s, n_steps=4,
+                                          resample=2, context=CTX, generator=seeded()),
+    "predict_noise": lambda m, s, d: du.predict_noise(m, X0.to(d), 30, s, du.one_hot(CTX).to(d), 2.0, guide_rescale=0.5),
+    "diffusion_loss": lambda m, s, d: du.diffusion_loss(m, X0.to(d), du.one_hot(CTX).to(d), s.to(d), generator=seeded(),
+                                                        snr_gamma=5.0, t_probs=du.timestep_probabilities(s.to(d), "lognormal")),
+    "perturb_input": lambda m, s, d: du.perturb_input(X0.to(d), torch.tensor([1, 10, 30, 50]), torch.ones(4, 3, 16, 16).to(d), s),
+    "predict_x0": lambda m, s, d: du.predict_x0(X0.to(d), 25, torch.ones(4, 3, 16, 16).to(d), s),
+    "velocity": lambda m, s, d: du.velocity(X0.to(d), torch.ones(4, 3, 16, 16).to(d), torch.tensor([1, 2, 3, 4]).to(d), s),
+    "denoise_add_noise": lambda m, s, d: du.denoise_add_noise(X0.to(d), 25, X0.to(d), s, z=torch.ones(4, 3, 16, 16).to(d)),
+    "denoise_ddim": lambda m, s, d: du.denoise_ddim(X0.to(d), 25, 20, X0.to(d), s, eta=1.0, z=torch.ones(4, 3, 16, 16).to(d)),
+    "rescale_guidance": lambda m, s, d: du.rescale_guidance(2 * X0.to(d), X0.to(d), 0.7),
+    "slerp": lambda m, s, d: du.slerp(X0.to(d), X0.flip(0).to(d), 0.3),
+    "to_display": lambda m, s, d: torch.as_tensor(du.to_display(X0.to(d))),
+    "image_grid": lambda m, s, d: torch.as_tensor(du.image_grid(X0.to(d), nrow=2)),
+    "augment_batch": lambda m, s, d: du.augment_batch(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8,
+                                                                    generator=seeded()).to(d), generator=seeded()),
+}
+# Public functions that hold no tensors of their own, or that the cases above and the tests below cover.
+ELSEWHERE = {
+    "load_sprites", "to_tensor_images", "one_hot", "get_device", "autocast_context", "cpu_supports_bf16", "fast_settings",
+    "make_schedule", "make_norm", "count_parameters", "snr", "timestep_probabilities", "train_step", "lr_at",
+    "class_sampling_weights", "train", "plan_steps", "model_args", "weights_file", "ddim_timesteps", "logsnr_timesteps",
+    "show_images", "plot_sample", "animation_html", "read_weights", "load_model", "model_schedule", "load_pretrained",
+}
+
+
+def test_every_public_function_is_checked_on_a_device():
+    public = {n for n, f in vars(du).items() if inspect.isfunction(f) and not n.startswith("_")
+              and f.__module__ == du.__name__}
+    unchecked = public - set(CASES) - ELSEWHERE
+    assert not unchecked, f"add a device case for {sorted(unchecked)} in tests/test_devices.py"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_function_on_a_gpu_matches_the_cpu(name, kind, cpu_model):
+    want = first(CASES[name](cpu_model, SCHEDULE, torch.device("cpu")))
+    with StandinDevice(kind):
+        model = on(kind, cpu_model)
+        got = first(CASES[name](model, SCHEDULE, torch.device(kind)))
+        if isinstance(got, OnStandin):
+            assert got.device.type == kind
+            got = got.detach().cpu()
+    want = want.detach() if torch.is_tensor(want) else want
+    assert torch.allclose(torch.as_tensor(np.asarray(got)).float(), torch.as_tensor(np.asarray(want)).float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_steps_ema_and_the_loop_on_a_gpu(kind, tmp_path, tiny_npz):
+    with StandinDevice(kind):
+        model = du.ContextUnet(n_feat=16).to(kind)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ema = du.EMA(model)
+        x, c = X0.to(kind), du.one_hot(CTX).to(kind)
+        loss = du.train_step(model, opt, x, c, SCHEDULE.to(kind), generator=seeded(), amp_dtype=du.fast_settings(kind)[0])
+        ema.update(model)
+        assert np.isfinite(loss)
+        cfg = du.TrainConfig(steps=3, n_feat=16, batch_size=8, warmup=1, checkpoint_every=3, t_sampling="lognormal")
+        assert du.plan_steps(cfg, 1e6, data_path=tiny_npz, device=kind, probe_steps=5)[0] == 3
+        history = du.train(cfg, tmp_path / "run", data_path=tiny_npz, device=kind, progress=False)
+        assert len(history) == 3 and all(np.isfinite(history))
+        back = du.load_model(tmp_path / "run" / "ema.pt", kind)
+        assert next(back.parameters()).device.type == kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_classifier_features_on_a_gpu(kind):
+    torch.manual_seed(0)
+    clf = SpriteClassifier().eval()
+    want = classifier_outputs(clf, X0)
+    with StandinDevice(kind):
+        got = classifier_outputs(clf.to(kind), X0.to(kind))
+    assert np.allclose(got[0], want[0], atol=1e-6) and (got[1] == want[1]).all()
+
+
+def test_the_standin_catches_what_a_gpu_refuses():
+    with StandinDevice("cuda"):
+        x = torch.ones(2, 3).to("cuda")
+        with pytest.raises(DeviceMismatch):
+            x * torch.ones(2, 3)  # notebook 7's mask built on the CPU, times a sprite on the GPU
+        with pytest.raises(DeviceMismatch):
+            torch.cat([x, torch.ones(2, 3)])  # notebook 6's x.cpu() beside a GPU sample
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+        x * torch.tensor(2.0)  # a 0-dim CPU tensor is a scalar: allowed, as on CUDA
+    with StandinDevice("mps"):
+        with pytest.raises(TypeError, match="float64"):
+            torch.ones(3).to("mps").double()  # slerp's and the DPM-Solver's old float64
+
+
+def test_bf16_only_where_it_is_native(monkeypatch):
+    with StandinDevice("cuda"):  # answers like a T4: capability 7.5, is_bf16_supported() True (emulated)
+        assert torch.cuda.is_bf16_supported() and du.fast_settings("cuda")[0] is None
+    with StandinDevice("cuda", capability=(8, 0)):  # an A100
+        assert du.fast_settings("cuda")[0] is torch.bfloat16
+    with StandinDevice("mps"):
+        assert du.fast_settings("mps")[0] is None
+    monkeypatch.setattr(du, "cpu_supports_bf16", lambda: False)
+    assert du.fast_settings("cpu") == (None, torch.contiguous_format)
+    monkeypatch.setattr(du, "cpu_supports_bf16", lambda: True)
+    assert du.fast_settings("cpu")[0] is torch.bfloat16
