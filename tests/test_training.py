@@ -145,3 +145,18 @@ def test_the_schedule_travels_with_the_model(tiny_npz, tmp_path):
     assert torch.equal(du.model_schedule(du.ContextUnet(n_feat=8)).ab_t, du.make_schedule(500).ab_t)
     with pytest.raises(ValueError, match="--terminal-signal"):
         du.TrainConfig(terminal_signal=0.5)
+
+
+def test_plan_steps_fits_the_wait(tiny_npz):
+    cfg = du.TrainConfig(steps=400, n_feat=8, batch_size=8, warmup=5)
+    steps, per_step = du.plan_steps(cfg, 1e6, data_path=tiny_npz, probe_steps=6)
+    assert steps == 400 and 0 < per_step < 5  # everything fits: the recipe's own length
+    steps, _ = du.plan_steps(cfg, 20 * per_step, data_path=tiny_npz, probe_steps=6)
+    assert 5 <= steps <= 80  # about 20 steps fit (the machine's pace varies between the two probes)
+    assert du.plan_steps(cfg, 1e-6, min_steps=30, data_path=tiny_npz, probe_steps=6)[0] == 30
+
+
+@pytest.mark.parametrize("seconds", [0, -5, float("nan"), "90"])
+def test_plan_steps_refuses_a_wait_that_is_not_positive(seconds):
+    with pytest.raises((ValueError, TypeError), match="seconds must be a positive number"):
+        du.plan_steps(du.TrainConfig(steps=10), seconds)
