@@ -172,7 +172,9 @@ class RunState:
     def resume(self, model, ema, opt, gen):
         if not self.ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}; start without --resume")
-        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        # onto the CPU: the generators' states must stay there, and load_state_dict moves weights and
+        # optimiser state to the model's device
+        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         # Only the length may change on resume (to train longer or stop sooner); the learning-rate
         # schedule is then re-planned from the current step.
         changed = [f"{k}={ck['config'].get(k)!r} in the checkpoint, now {v!r}"

@@ -110,6 +110,9 @@ def test_training_steps_ema_and_the_loop_on_a_gpu(kind, tmp_path, tiny_npz):
         assert len(history) == 3 and all(np.isfinite(history))
         back = du.load_model(tmp_path / "run" / "ema.pt", kind)
         assert next(back.parameters()).device.type == kind
+        du.train(cfg, tmp_path / "split", data_path=tiny_npz, device=kind, progress=False, stop_at=2)
+        resumed = du.train(cfg, tmp_path / "split", data_path=tiny_npz, device=kind, progress=False, resume=True)
+        assert resumed == history  # a run resumed on the GPU ends where an uninterrupted one does
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -224,6 +224,8 @@ def test_widget_cells_drive_their_function(nb_name, src, callbacks):
         box = namespace[name].widget  # interact returns the function with its widget attached
         if getattr(box, "manual_button", None) is not None:  # interact_manual waits for its button
             box.manual_button.click()
+        else:
+            box.update()  # what showing it in a notebook does (ipywidgets 7 runs it when displayed, 8 at once)
         assert seen, f"{nb_name}: the widget cell did not call {name} with its start values"
         controls = [w for w in box.children if hasattr(w, "value") and getattr(w, "description", "")]
         assert controls
