@@ -250,7 +250,7 @@ def check_denoise_add_noise(fn):
         return (x + sign * eps * b / denom(ab)) / keep(a) + (b.sqrt() * z if noise else 0)
 
     mistakes = [
-        ("The fresh noise sqrt(beta_t) * z is missing: without it samples collapse (the end of this notebook).",
+        ("The fresh noise sqrt(beta_t) * z is missing (the end of this notebook shows what it is for).",
          tuple(variant(t, noise=False) for t in ts)),
         ("Divide by sqrt(1 - ab_t), with the square root.", tuple(variant(t, denom=lambda ab: 1 - ab) for t in ts)),
         ("Divide by sqrt(a_t), one step's alpha, not by sqrt(ab_t).",
@@ -281,6 +281,7 @@ def check_posterior(fn):
          (mean, s.b_t[t])),
         ("The posterior needs ab_{t-1} = schedule.ab_t[t - 1] beside ab_t, not ab_t twice.",
          (ab.sqrt() * b / (1 - ab) * x0 + a.sqrt() * x_t, b)),
+        ("Off by one: at step t use a_t, b_t, ab_t and ab_{t-1} = schedule.ab_t[t - 1].", posterior(x0, x_t, t + 1, s)),
     ]
     return _judge("posterior", fn, lambda f: tuple(f(x0, x_t, t, s)), want, mistakes, posterior)
 
