@@ -138,3 +138,10 @@ def test_a_crashing_answer_is_reported_and_the_lesson_goes_on(capsys):
 def test_an_answer_far_off_is_measured(capsys):
     exercises.check_perturb_input(lambda x, t, noise, schedule: x + 0.5)
     assert "differs from the course's by up to" in capsys.readouterr().out
+
+
+def test_every_notebook_cell_has_its_own_id():
+    # nbformat 4.5 wants one (a missing id is a warning today and "will become a hard error")
+    for nb in NOTEBOOKS:
+        ids = [c.get("id") for c in json.loads(nb.read_text())["cells"]]
+        assert None not in ids and len(set(ids)) == len(ids), nb.name
