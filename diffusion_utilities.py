@@ -741,7 +741,7 @@ def plan_steps(config, seconds, *, min_steps=1, data_path=DATA_FILE, device=None
         raise ValueError(f"seconds must be a positive number (the wait you accept), got {seconds!r}")
     stamps = []
     probe = replace(config, steps=probe_steps, warmup=min(config.warmup, probe_steps),
-                                checkpoint_every=probe_steps, snapshot_steps=[])
+                    checkpoint_every=probe_steps, snapshot_steps=[])
     with tempfile.TemporaryDirectory() as tmp:
         train(probe, tmp, data_path=data_path, device=device, progress=False,
               callback=lambda step, loss: stamps.append(time.perf_counter()))
