@@ -77,7 +77,7 @@ def check_alpha_bar(fn):
     """fn(b_t) -> ab_t: b_t (T + 1,) with b_t[0] unused; ab_t[0] = 1 and ab_t[t] = prod_{s<=t} (1 - b_s)."""
     b = du.make_schedule(500).b_t
     a = 1 - b
-    want = torch.cat([torch.ones(1), torch.cumprod(a[1:], 0)])
+    want = alpha_bar(b)
     mistakes = [
         ("That is a sum: alpha-bar multiplies the kept fractions, torch.cumprod(1 - b_t[1:], 0).",
          torch.cat([torch.ones(1), 1 - torch.cumsum(b[1:], 0)])),
@@ -125,8 +125,9 @@ def embed(emb, v):
 
 def check_embed(fn):
     """fn(emb, v) with emb a du.EmbedFC and v (B, input_dim) -> (B, emb_dim, 1, 1): Linear, GELU, Linear."""
-    torch.manual_seed(0)
-    emb = du.EmbedFC(5, 32)
+    with torch.random.fork_rng():  # a fixed layer without touching the learner's random numbers
+        torch.manual_seed(0)
+        emb = du.EmbedFC(5, 32)
     v = _seeded(4, 5)
     first, last = emb.model[0], emb.model[2]
     with torch.no_grad():
@@ -149,7 +150,7 @@ def condition(u, cemb, temb):
 def check_condition(fn):
     """fn(u, cemb, temb) -> cemb * u + temb: the context scales each channel, time shifts it."""
     u, cemb, temb = _seeded(2, 64, 8, 8), _seeded(2, 64, 1, 1, seed=1), _seeded(2, 64, 1, 1, seed=2)
-    want = cemb * u + temb
+    want = condition(u, cemb, temb)
     mistakes = [
         ("Time and context have swapped roles: the context multiplies, time adds.", temb * u + cemb),
         ("Both are added: the context should multiply (scale each channel), time add.", u + cemb + temb),
@@ -171,8 +172,9 @@ def check_diffusion_loss(fn):
     noise and the dropout mask from generator in that order (as du.diffusion_loss does)."""
     x, c = _loss_batch()
     s = du.make_schedule(500)
-    torch.manual_seed(0)
-    net = du.ContextUnet(n_feat=16, prediction="eps").eval()
+    with torch.random.fork_rng():  # a fixed network without touching the learner's random numbers
+        torch.manual_seed(0)
+        net = du.ContextUnet(n_feat=16, prediction="eps").eval()
 
     def gen():
         return torch.Generator().manual_seed(0)
@@ -226,7 +228,7 @@ def min_snr_weight(snr, gamma):
 def check_min_snr_weight(fn):
     """fn(snr, gamma) -> the Min-SNR-gamma weight for a v-prediction loss: min(snr, gamma) / (snr + 1)."""
     snr = du.snr(du.make_schedule(500))[1:]
-    want = snr.clamp(max=5.0) / (snr + 1)
+    want = min_snr_weight(snr, 5.0)
     mistakes = [
         ("That is the weight for an eps-prediction loss, min(SNR, gamma) / SNR; a v-loss divides by SNR + 1.",
          snr.clamp(max=5.0) / snr),
@@ -297,7 +299,7 @@ def check_guidance(fn):
     """fn(out_c, out_u, w) -> (1 + w) out_c - w out_u (classifier-free guidance, Ho & Salimans 2022)."""
     out_c, out_u = _seeded(4, 3, 16, 16), _seeded(4, 3, 16, 16, seed=1)
     ws = (0.0, 2.0, 4.0)
-    want = tuple((1 + w) * out_c - w * out_u for w in ws)
+    want = tuple(guidance(out_c, out_u, w) for w in ws)
     mistakes = [
         ("At w = 0 guidance must give the conditional output unchanged: (1 + w) * out_c - w * out_u, not a "
          "blend w * out_c + (1 - w) * out_u.", tuple(w * out_c + (1 - w) * out_u for w in ws)),
@@ -411,16 +413,10 @@ def check_invert_step(fn):
     x, eps = _seeded(4, 3, 16, 16).clamp(-1, 1), _seeded(4, 3, 16, 16, seed=1)
     pairs = ((0, 20), (100, 120), (400, 500))
 
-    def step(xx, t_prev, t, which):
-        ab, ab_prev = s.ab_t[t], s.ab_t[t_prev]
-        known = ab_prev if which == "right" else ab
-        x0 = (xx - (1 - known).sqrt() * eps) / known.sqrt()
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-    want = tuple(step(x, tp, t, "right") for tp, t in pairs)
-    mistakes = [
+    want = tuple(invert_step(x, tp, t, eps, s) for tp, t in pairs)
+    mistakes = [  # estimating x_0 with ab_t and re-noising it to ab_t gives x back unchanged
         ("x is at the cleaner step t_prev: estimate x_0 with ab_{t_prev}, then noise it to ab_t.",
-         tuple(step(x, tp, t, "wrong") for tp, t in pairs)),
+         tuple(x for _ in pairs)),
         ("That is the forward DDIM step (towards the image); inversion goes from t_prev up to t.",
          tuple(du.denoise_ddim(x, t, tp, eps, s) for tp, t in pairs)),
     ]

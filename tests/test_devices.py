@@ -22,10 +22,6 @@ def cpu_model():
     return du.ContextUnet(n_feat=16, prediction="v", norm="group").eval()
 
 
-def on(kind, model):
-    return copy.deepcopy(model).to(kind)
-
-
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -85,7 +81,7 @@ def test_every_public_function_is_checked_on_a_device():
 def test_function_on_a_gpu_matches_the_cpu(name, kind, cpu_model):
     want = first(CASES[name](cpu_model, SCHEDULE, torch.device("cpu")))
     with StandinDevice(kind):
-        model = on(kind, cpu_model)
+        model = copy.deepcopy(cpu_model).to(kind)
         got = first(CASES[name](model, SCHEDULE, torch.device(kind)))
         if isinstance(got, OnStandin):
             assert got.device.type == kind

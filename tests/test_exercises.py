@@ -50,7 +50,10 @@ def test_every_notebook_has_two_exercises_and_a_prediction():
 
 @pytest.mark.parametrize("where, name, fn", SOLUTIONS, ids=[f"{w[:2]}-{n}" for w, n, _ in SOLUTIONS])
 def test_solution_passes_its_checker(where, name, fn, capsys):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     used = getattr(exercises, f"check_{name}")(fn)
+    assert torch.equal(torch.get_rng_state(), before), "a checker must not move the learner's random numbers"
     out = capsys.readouterr().out
     assert out.strip() == f"{name}: correct", out
     assert used is fn, "a right answer is the function the lesson goes on with"
