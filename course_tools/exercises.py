@@ -125,7 +125,7 @@ def embed(emb, v):
 
 def check_embed(fn):
     """fn(emb, v) with emb a du.EmbedFC and v (B, input_dim) -> (B, emb_dim, 1, 1): Linear, GELU, Linear."""
-    with torch.random.fork_rng():  # a fixed layer without touching the learner's random numbers
+    with torch.random.fork_rng(devices=[]):  # a fixed layer without touching the learner's random numbers
         torch.manual_seed(0)
         emb = du.EmbedFC(5, 32)
     v = _seeded(4, 5)
@@ -172,7 +172,7 @@ def check_diffusion_loss(fn):
     noise and the dropout mask from generator in that order (as du.diffusion_loss does)."""
     x, c = _loss_batch()
     s = du.make_schedule(500)
-    with torch.random.fork_rng():  # a fixed network without touching the learner's random numbers
+    with torch.random.fork_rng(devices=[]):  # a fixed network without touching the learner's random numbers
         torch.manual_seed(0)
         net = du.ContextUnet(n_feat=16, prediction="eps").eval()
 

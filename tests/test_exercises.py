@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import diffusion_utilities as du
 from course_tools import exercises
+from standin_device import StandinDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -148,3 +149,12 @@ def test_every_notebook_cell_has_its_own_id():
     for nb in NOTEBOOKS:
         ids = [c.get("id") for c in json.loads(nb.read_text())["cells"]]
         assert None not in ids and len(set(ids)) == len(ids), nb.name
+
+
+@pytest.mark.parametrize("where, name, fn", SOLUTIONS, ids=[f"{w[:2]}-{n}" for w, n, _ in SOLUTIONS])
+def test_checkers_run_where_a_gpu_is_visible(where, name, fn, capsys):
+    """On Colab's GPU runtime torch.cuda.is_available() is True: a checker must not touch CUDA's random
+    state or put its fixed inputs on the GPU (fork_rng() without devices=[] initialises CUDA)."""
+    with StandinDevice("cuda"):
+        getattr(exercises, f"check_{name}")(fn)
+    assert capsys.readouterr().out.strip() == f"{name}: correct"
