@@ -213,7 +213,7 @@ def make_schedule(timesteps=500, beta1=1e-4, beta2=0.02, kind="linear", *, termi
     are ignored. It destroys the image more gradually, which helps small images.
     terminal_signal: rescale sqrt(ab_t) linearly so that sqrt(ab_0) stays 1 and sqrt(ab_T) becomes
     this (the linear schedule leaves 0.079 of the image in x_T, which sampling from pure noise
-    ignores; Lin et al. 2024). Needs a model trained on the same schedule (benchmarks/terminal_snr.py).
+    ignores; Lin et al. 2024). Needs a model trained on the same schedule (research/terminal_snr.py).
     Computed in float64, stored as float32 tensors of shape (timesteps + 1,).
     """
     if not isinstance(timesteps, int) or timesteps < 1:
@@ -626,7 +626,7 @@ def lr_at(step, total_steps, lr=1e-3, lr_min=5e-5, warmup=200):
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint.
 
-    The defaults are the half-hour recipe chosen by benchmarks/training_recipes.py (v-prediction and
+    The defaults are the half-hour recipe chosen by research/training_recipes.py (v-prediction and
     Min-SNR-5 weighting each bought more than any other change at a fixed wall-clock budget); the
     shipped 101-minute model predates it (eps-prediction, batch 100, no weighting; see README).
     """

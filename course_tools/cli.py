@@ -220,7 +220,7 @@ def _average_with_snapshots(final, run, steps, *, keys):
     the end of training than the EMA alone (post-hoc averaging of stored snapshots, as in Karras et al. 2024,
     "Analyzing and Improving the Training Dynamics of Diffusion Models"). Only the entries named in keys are
     averaged, the rest stay the final ones: export averages the parameters and keeps BatchNorm's running
-    statistics (averaging them too was measured worse, benchmarks/ema_length.json)."""
+    statistics (averaging them too was measured worse, research/ema_length.json)."""
     have = sorted(int(p.stem.split("_")[1]) for p in run.glob("snap_*.pt"))
     missing = sorted(set(steps) - set(have))
     if missing:

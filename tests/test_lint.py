@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ruff_is_clean():
-    # The configuration is in pyproject.toml; the module, the tools, tests, benchmarks and notebooks are all checked.
+    # The configuration is in pyproject.toml; the module, the tools, tests, research and notebooks are all checked.
     if shutil.which("ruff") is None and subprocess.run([sys.executable, "-m", "ruff", "--version"],
                                                        capture_output=True).returncode != 0:
         pytest.fail("ruff is not installed: `pip install -r requirements.txt`")
