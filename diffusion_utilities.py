@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
-import os
-import time
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ WEIGHTS_DIR = ROOT / "weights"
 # Data: the sprites (shown from notebook 1 on) and their labels as context vectors
 # ---------------------------------------------------------------------------------------------
 
-def _resolve_data_path(path):
+def find_data_file(path):
     """A relative path that does not exist from here is looked up beside this module (notebooks/ runs)."""
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (ROOT / path).exists():
@@ -72,7 +71,7 @@ def load_sprites(path="data/sprites16.npz"):
 
 def _read_sprites(path):
     """(images, labels int64, alpha, class_names) from a dataset file, checked; see load_sprites."""
-    path = _resolve_data_path(path)
+    path = find_data_file(path)
     try:
         with np.load(path) as d:
             missing = sorted({"images", "labels", "class_names", "alpha"} - set(d.files))
@@ -107,17 +106,15 @@ def to_tensor_images(images):
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def augment_batch(images, *, flip=True, generator=None):
-    """Random left-right flips for a batch of sprites; returns float (B, 3, H, W) in [-1, 1].
+def augment_batch(x, *, generator=None):
+    """Random left-right flips: float images (B, C, H, W) -> the same, about half of them mirrored.
 
-    images: uint8 (B, 3, H, W). A mirrored sprite is as good a sprite, so flips double the data.
+    A mirrored sprite is as good a sprite, so flips double the data. generator: a seeded CPU
+    torch.Generator (it may drive a batch on a GPU: the coin flips are drawn on its device).
     """
-    x = images.float() / 255 * 2 - 1
-    if flip:
-        where = generator.device if generator is not None else x.device  # a CPU generator may drive a GPU batch
-        mirror = (torch.rand(x.shape[0], generator=generator, device=where) < 0.5).to(x.device)
-        x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
-    return x
+    where = generator.device if generator is not None else x.device
+    mirror = (torch.rand(x.shape[0], generator=generator, device=where) < 0.5).to(x.device)
+    return torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def one_hot(labels, n_cfeat=5):
@@ -130,54 +127,15 @@ def one_hot(labels, n_cfeat=5):
     return F.one_hot(labels.long(), n_cfeat).float()
 
 
-# ---------------------------------------------------------------------------------------------
-# Devices: where the network runs, and how fast on a CPU
-# ---------------------------------------------------------------------------------------------
-
-def get_device():
-    """The best available device: cuda, then Apple's mps, then cpu."""
+def get_device(device=None):
+    """torch.device(device) when given; otherwise the best available: cuda, then Apple's mps, then cpu."""
+    if device is not None:
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def autocast_context(device, dtype):
-    """torch.autocast for dtype (e.g. torch.bfloat16) on device, or a no-op when dtype is None."""
-    device = torch.device(device)
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def cpu_supports_bf16():
-    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), where autocast pays.
-
-    Elsewhere bf16 autocast on a CPU is emulated and slower than fp32, so the course stays in fp32.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def fast_settings(device):
-    """(amp_dtype, memory_format) that train fastest on device without hurting quality.
-
-    channels_last + bf16 autocast trained ~1.9x faster than fp32 on an AVX512-BF16 CPU with the
-    same loss curve. bf16 only where the hardware has it natively: CUDA GPUs of compute capability
-    8.0 or newer (Ampere on; `torch.cuda.is_bf16_supported()` also answers True on a T4, where it is
-    emulated and cuDNN has no bf16 convolutions) and CPUs with AVX512-BF16 or AMX. Elsewhere fp32.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        native = torch.cuda.get_device_capability(device) >= (8, 0)
-        return (torch.bfloat16 if native else None), torch.channels_last
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16, torch.channels_last
-    return None, torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +240,7 @@ def _timestep_tensor(t, batch, schedule, name="t", low=0):
     return t
 
 
-def _at(values, t, x):
+def _per_image(values, t, x):
     """values[t] shaped (B, 1, 1, 1) to broadcast over images like x."""
     return values.to(x.device)[t.to(x.device)].view(-1, 1, 1, 1).to(x.dtype)
 
@@ -303,7 +261,7 @@ def perturb_input(x, t, noise, schedule):
         got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
         raise ValueError(f"noise must have the same shape as x, {tuple(x.shape)}, got {got}")
     t = _timestep_tensor(t, x.shape[0], schedule)
-    ab = _at(schedule.ab_t, t, x)
+    ab = _per_image(schedule.ab_t, t, x)
     return ab.sqrt() * x + (1 - ab).sqrt() * noise
 
 
@@ -311,7 +269,7 @@ def predict_x0(x_t, t, pred_noise, schedule):
     """The clean image implied by a noise prediction: invert perturb_input for x. Same shapes."""
     _check_images(x_t, "x_t")
     t = _timestep_tensor(t, x_t.shape[0], schedule)
-    ab = _at(schedule.ab_t, t, x_t)
+    ab = _per_image(schedule.ab_t, t, x_t)
     return (x_t - (1 - ab).sqrt() * pred_noise) / ab.sqrt()
 
 
@@ -403,20 +361,23 @@ class ContextUnet(nn.Module):
     the velocity v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 when prediction="v" (Salimans & Ho 2022;
     the samplers convert it back to eps, see predict_noise). Time and context enter the decoder at
     two resolutions: the context embedding multiplies the features, the time embedding is added.
-    norm: "batch" (the course's BatchNorm) or "group" (see make_norm). zero_init=True starts the
-    last conv at zero, so the untrained network predicts 0 and the loss starts at exactly E[target^2].
+    norm: "batch" (the course's BatchNorm) or "group" (see make_norm).
+    model.settings holds these arguments (saved beside the weights, so a file rebuilds its network).
+    model.autocast_dtype: None (compute in fp32), or e.g. torch.bfloat16 to run forward under autocast
+    (faster on hardware with native bf16; the output is returned as x's dtype).
     About 1.48 M parameters at n_feat=64, 0.37 M at n_feat=32.
     """
 
-    def __init__(self, in_channels=3, n_feat=64, n_cfeat=5, height=16, *, norm="batch", prediction="eps",
-                 zero_init=False):
+    def __init__(self, in_channels=3, n_feat=64, n_cfeat=5, height=16, *, norm="batch", prediction="eps"):
         super().__init__()
         if height % 4 != 0 or height < 4:
             raise ValueError(f"height must be a positive multiple of 4 (the U-Net halves it twice), got {height}")
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' (noise) or 'v' (velocity), got {prediction!r}")
-        self.in_channels, self.n_feat, self.n_cfeat, self.h = in_channels, n_feat, n_cfeat, height
-        self.prediction = prediction
+        self.in_channels, self.n_feat, self.n_cfeat, self.height = in_channels, n_feat, n_cfeat, height
+        self.norm, self.prediction, self.autocast_dtype = norm, prediction, None
+        self.settings = {"in_channels": in_channels, "n_feat": n_feat, "n_cfeat": n_cfeat, "height": height,
+                         "norm": norm, "prediction": prediction}
 
         self.init_conv = ResidualConvBlock(in_channels, n_feat, is_res=True, norm=norm)
         self.down1 = UnetDown(n_feat, n_feat, norm)          # -> (B, F, h/2, h/2)
@@ -434,13 +395,10 @@ class ContextUnet(nn.Module):
         self.up2 = UnetUp(2 * n_feat, n_feat, norm)          # -> (B, F, h, h)
         self.out = nn.Sequential(nn.Conv2d(2 * n_feat, n_feat, 3, 1, 1), nn.GroupNorm(8, n_feat), nn.ReLU(),
                                  nn.Conv2d(n_feat, in_channels, 3, 1, 1))
-        if zero_init:
-            nn.init.zeros_(self.out[-1].weight)
-            nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t, c=None):
         B = x.shape[0] if torch.is_tensor(x) else 0
-        expected = (self.in_channels, self.h, self.h)
+        expected = (self.in_channels, self.height, self.height)
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {got}")
@@ -456,19 +414,19 @@ class ContextUnet(nn.Module):
             got = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
             raise ValueError(f"c must be a (B, n_cfeat) = ({B}, {self.n_cfeat}) context tensor or None, got {got}")
         c = c.to(x.dtype)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            x0 = self.init_conv(x)
+            d1 = self.down1(x0)
+            d2 = self.down2(d1)
+            hidden = self.to_vec(d2)
 
-        x0 = self.init_conv(x)
-        d1 = self.down1(x0)
-        d2 = self.down2(d1)
-        hidden = self.to_vec(d2)
+            cemb1, temb1 = self.contextembed1(c), self.timeembed1(t)
+            cemb2, temb2 = self.contextembed2(c), self.timeembed2(t)
 
-        cemb1, temb1 = self.contextembed1(c), self.timeembed1(t)
-        cemb2, temb2 = self.contextembed2(c), self.timeembed2(t)
-
-        u1 = self.up0(hidden)
-        u2 = self.up1(cemb1 * u1 + temb1, d2)
-        u3 = self.up2(cemb2 * u2 + temb2, d1)
-        return self.out(torch.cat((u3, x0), 1))
+            u1 = self.up0(hidden)
+            u2 = self.up1(cemb1 * u1 + temb1, d2)
+            u3 = self.up2(cemb2 * u2 + temb2, d1)
+            return self.out(torch.cat((u3, x0), 1)).to(x.dtype)
 
 
 def count_parameters(model):
@@ -493,34 +451,11 @@ def velocity(x0, noise, t, schedule):
     teaches the network something about the image. Shapes as perturb_input.
     """
     t = _timestep_tensor(t, x0.shape[0], schedule)
-    ab = _at(schedule.ab_t, t, x0)
+    ab = _per_image(schedule.ab_t, t, x0)
     return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
 
-def timestep_probabilities(schedule, kind="uniform"):
-    """How training draws t: probabilities over 1..T, shape (T,), on the CPU.
-
-    "uniform" (DDPM's). "lognormal" puts the mass where the loss is learnable: the noise level
-    sigma_t = sqrt((1 - ab_t) / ab_t) is drawn log-normally, ln sigma ~ N(-1.2, 1.2^2) (Karras et al.
-    2022, EDM), and mapped to our integer steps. That skips most of the almost-clean and the
-    almost-pure-noise steps, where the network can learn little.
-    """
-    T = schedule.T
-    if kind == "uniform":
-        return torch.full((T,), 1.0 / T)
-    if kind != "lognormal":
-        raise ValueError(f"t sampling must be 'uniform' or 'lognormal', got {kind!r}")
-    ab = schedule.ab_t.detach().cpu().double()  # float64 on the CPU only (Apple's GPUs have none)
-    log_sigma = 0.5 * torch.log((1 - ab) / ab)  # -inf at t = 0
-    density = torch.exp(-0.5 * ((log_sigma[1:] + 1.2) / 1.2) ** 2)
-    width = torch.diff(log_sigma).clamp(min=0)
-    width[0] = log_sigma[2] - log_sigma[1]  # the first step starts at sigma = 0 (log -inf)
-    p = density * width
-    return (p / p.sum()).float()
-
-
-def diffusion_loss(model, x, c, schedule, drop_prob=0.1, generator=None, *, snr_gamma=None, t_probs=None,
-                   input_perturbation=0.0):
+def diffusion_loss(model, x, c, schedule, *, drop_prob=0.1, snr_gamma=None, t_probs=None, generator=None):
     """The DDPM training objective on one batch: MSE between the true and the predicted target.
 
     x: clean images (B, C, H, W) in [-1, 1]; c: contexts (B, n_cfeat) or None. A random t in 1..T
@@ -530,49 +465,41 @@ def diffusion_loss(model, x, c, schedule, drop_prob=0.1, generator=None, *, snr_
     snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each image's loss is weighted by
       min(SNR_t, gamma) / SNR_t (eps) or min(SNR_t, gamma) / (SNR_t + 1) (v), which stops the
       low-noise steps from dominating the gradient. None = unweighted.
-    t_probs: probabilities of t = 1..T, shape (T,) (see timestep_probabilities); None = uniform.
-    input_perturbation: gamma of Ning et al. 2023: x_t is made with noise + gamma * extra noise, while
-      the target stays the noise, to mimic the errors the sampler will feed the network.
+    t_probs: probabilities of t = 1..T, shape (T,); None = uniform (DDPM's).
+    generator: a seeded torch.Generator for t, the noise and the dropped contexts (a CPU generator may
+      drive a batch on a GPU: the numbers are drawn on its device).
     """
     _check_images(x)
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob}")
-    B, dev = x.shape[0], x.device
-    gdev = generator.device if generator is not None else dev  # a seeded CPU generator also drives a GPU run
+    B, device = x.shape[0], x.device
+    draw_on = generator.device if generator is not None else device
     if t_probs is None:
-        t = torch.randint(1, schedule.T + 1, (B,), device=gdev, generator=generator).to(dev)
+        t = torch.randint(1, schedule.T + 1, (B,), device=draw_on, generator=generator).to(device)
     else:
-        t = (torch.multinomial(t_probs.to(gdev), B, replacement=True, generator=generator) + 1).to(dev)
-    noise = torch.randn(x.shape, device=gdev, generator=generator, dtype=x.dtype).to(dev)
-    fed = noise
-    if input_perturbation > 0:
-        extra = torch.randn(x.shape, device=gdev, generator=generator, dtype=x.dtype).to(dev)
-        fed = noise + input_perturbation * extra
-    x_t = perturb_input(x, t, fed, schedule)
+        t = (torch.multinomial(t_probs.to(draw_on), B, replacement=True, generator=generator) + 1).to(device)
+    noise = torch.randn(x.shape, device=draw_on, generator=generator, dtype=x.dtype).to(device)
+    x_t = perturb_input(x, t, noise, schedule)
     if c is not None:
-        keep = (torch.rand(B, device=gdev, generator=generator) >= drop_prob).to(dev, c.dtype)
+        keep = (torch.rand(B, device=draw_on, generator=generator) >= drop_prob).to(device, c.dtype)
         c = c * keep[:, None]
     pred = model(x_t, t.to(x.dtype) / schedule.T, c)
-    net = getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the network in .module
-    v_pred = getattr(net, "prediction", "eps") == "v"
+    network = getattr(model, "module", model)  # data-parallel training wraps the network: it is in .module
+    v_pred = getattr(network, "prediction", "eps") == "v"
     target = velocity(x, noise, t, schedule) if v_pred else noise
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
-    s = snr(schedule).to(dev)[t]
+    s = snr(schedule).to(device)[t]
     weight = s.clamp(max=snr_gamma) / (s + 1 if v_pred else s)
     per_image = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
     return (weight * per_image).mean()
 
 
-def train_step(model, optimizer, x, c, schedule, drop_prob=0.1, generator=None, amp_dtype=None, **loss_options):
-    """One optimiser step on one batch; returns the loss as a float.
-
-    amp_dtype=torch.bfloat16 runs the network under autocast (weights and optimiser stay fp32).
-    loss_options go to diffusion_loss (snr_gamma, t_probs, input_perturbation).
-    """
+def train_step(model, optimizer, x, c, schedule, **loss_options):
+    """One optimiser step on one batch; returns the loss as a float. loss_options go to diffusion_loss
+    (drop_prob, snr_gamma, t_probs, generator)."""
     model.train()
-    with autocast_context(x.device, amp_dtype):
-        loss = diffusion_loss(model, x, c, schedule, drop_prob, generator, **loss_options)
+    loss = diffusion_loss(model, x, c, schedule, **loss_options)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -622,73 +549,6 @@ def lr_at(step, total_steps, lr=1e-3, lr_min=5e-5, warmup=200):
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * progress))
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved in every checkpoint.
-
-    The defaults are the half-hour recipe chosen by research/training_recipes.py (v-prediction and
-    Min-SNR-5 weighting each bought more than any other change at a fixed wall-clock budget); the
-    shipped 101-minute model predates it (eps-prediction, batch 100, no weighting; see README).
-    """
-    steps: int = 3300
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_min: float = 5e-5
-    warmup: int = 200
-    drop_prob: float = 0.1
-    ema_decay: float = 0.999
-    ema_warmup: int = 10
-    n_feat: int = 64
-    norm: str = "batch"
-    prediction: str = "v"
-    zero_init: bool = False
-    snr_gamma: float | None = 5.0
-    t_sampling: str = "uniform"
-    input_perturbation: float = 0.0
-    timesteps: int = 500
-    terminal_signal: float | None = None
-    seed: int = 0
-    flip: bool = True
-    class_balance: float = 0.5
-    snapshot_steps: list = field(default_factory=list)
-    checkpoint_every: int = 500
-
-    def __post_init__(self):
-        """Refuse settings that would train nothing or silently train wrong, naming the option."""
-        def bad(name, why):
-            raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
-
-        for name in ("steps", "batch_size", "checkpoint_every", "timesteps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "must be a positive integer")
-        for name in ("lr", "lr_min", "drop_prob", "ema_decay", "input_perturbation", "class_balance"):
-            if not math.isfinite(getattr(self, name)):
-                bad(name, "must be a finite number")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if not 0 <= self.ema_decay < 1:
-            bad("ema_decay", "must lie in [0, 1)")
-        if not 0 <= self.drop_prob <= 1:
-            bad("drop_prob", "must lie in [0, 1]")
-        if not isinstance(self.n_feat, int) or self.n_feat < 8 or self.n_feat % 8:
-            bad("n_feat", "must be a positive multiple of 8 (the network's GroupNorm uses 8 groups)")
-        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
-            bad("snr_gamma", "must be a finite number > 0, or None for no weighting")
-        if self.warmup < 0 or self.ema_warmup < 1:
-            bad("warmup" if self.warmup < 0 else "ema_warmup", "is out of range")
-        try:
-            make_schedule(self.timesteps, terminal_signal=self.terminal_signal)
-        except ValueError as err:
-            bad("terminal_signal", str(err).split(";")[0].replace("terminal_signal ", ""))
-
-    def schedule_args(self):
-        """make_schedule's arguments for this run; saved beside the weights, so samplers use the same."""
-        args = {"timesteps": self.timesteps}
-        if self.terminal_signal is not None:
-            args["terminal_signal"] = self.terminal_signal
-        return args
-
-
 def class_sampling_weights(labels, power=0.5):
     """Per-sprite sampling weights so class c is drawn with probability proportional to n_c**power.
 
@@ -701,158 +561,55 @@ def class_sampling_weights(labels, power=0.5):
     return w / w.sum()
 
 
-def train(config, out_dir, data_path=DATA_FILE, resume=False, minutes=None, device=None,
-          progress=True, callback=None, stop_at=None):
-    """Train a ContextUnet on the sprites. Returns the list of per-step losses (whole run).
+def sprite_batches(images, labels, *, batch_size, n_cfeat=5, class_balance=0.5, flip=True, generator=None,
+                   device="cpu"):
+    """Endless training batches (x, c): x (batch_size, 3, H, W) in [-1, 1], c one-hot (batch_size, n_cfeat).
 
-    Writes to out_dir: checkpoint.pt (model, EMA, optimiser, step, data-sampler and RNG state),
-    history.json (loss per step), ema.pt (final EMA weights) and snap_<step>.pt snapshots.
-    With resume=True an interrupted run continues from checkpoint.pt and ends in the same state
-    as an uninterrupted one (config.steps may differ from the checkpoint's: the run then ends at
-    the new length, with the learning-rate schedule re-planned from the current step). minutes (a
-    time budget) or stop_at (a step) stops early, after saving a checkpoint, so a run can be split
-    over sessions.
-    callback(step, loss) is called after each step (a notebook's live loss plot).
-    A LOCK file (course_tools.runs.RunLock) keeps a second training out of out_dir while this one runs.
-    Under torchrun it trains data-parallel: see course_tools.runs.distributed.
+    images: uint8 (N, H, W, 3) and labels (N,), as load_sprites returns them. Sprites are drawn with
+    replacement, class k with probability proportional to n_k ** class_balance (class_sampling_weights),
+    and mirrored at random (augment_batch). generator: a seeded CPU torch.Generator.
     """
-    import contextlib
-
-    from course_tools.runs import RunLock, end_distributed  # run plumbing: tooling, imported when a run starts
-
-    lock = RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
-    with lock:
-        try:
-            return _train(config, Path(out_dir), data_path, resume, minutes, device, progress, callback, stop_at)
-        finally:
-            end_distributed()  # a torchrun job's processes leave their group together
+    x_all = to_tensor_images(images)  # converted once; a batch only indexes
+    labels = np.asarray(labels)
+    c_all = one_hot(torch.as_tensor(labels), n_cfeat)
+    weights = torch.from_numpy(class_sampling_weights(labels, class_balance))
+    while True:
+        idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        x = augment_batch(x_all[idx], generator=generator) if flip else x_all[idx]
+        yield x.to(device), c_all[idx].to(device)
 
 
-def plan_steps(config, seconds, *, min_steps=1, data_path=DATA_FILE, device=None, probe_steps=10):
-    """How many steps of config fit in a wait of `seconds` on this machine: (steps, seconds per step).
+def train(model, batches, schedule, *, steps, lr=1e-3, lr_min=5e-5, warmup=200, ema=None, optimizer=None,
+          start=0, callback=None, progress=True, **loss_options):
+    """Notebook 3's training loop: for every step a batch, one optimiser step, the moving average.
 
-    Times a short throwaway run of the same recipe (probe_steps steps; the first 3 warm up and are
-    left out) and returns the steps that fit, between min_steps and config.steps. Notebook 3 plans its
-    run with it, so a learner on a slower CPU waits about as long as one on a fast one, for fewer steps.
+    model: a ContextUnet on its device; batches: an iterator of (x, c), e.g. sprite_batches(...);
+    steps: the run's length. The learning rate warms up over `warmup` steps, then decays (lr_at).
+    ema: an EMA of model (made here when None); optimizer: Adam at lr when None.
+    loss_options go to diffusion_loss (drop_prob, snr_gamma, t_probs, generator).
+    callback(step, loss) runs after every step (a live plot, a checkpoint); returning False stops the run.
+    start: the step to begin at (a resumed run goes on with its learning-rate schedule).
+    Returns (ema, losses): the moving average (its .model is what we sample) and every step's loss.
     """
-    import tempfile
-
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"seconds must be a positive number (the wait you accept), got {seconds!r}")
-    stamps = []
-    probe = replace(config, steps=probe_steps, warmup=min(config.warmup, probe_steps),
-                    checkpoint_every=probe_steps, snapshot_steps=[])
-    with tempfile.TemporaryDirectory() as tmp:
-        train(probe, tmp, data_path=data_path, device=device, progress=False,
-              callback=lambda step, loss: stamps.append(time.perf_counter()))
-    per_step = float(np.median(np.diff(stamps[2:])))
-    return max(1, min_steps, min(config.steps, int(seconds / per_step))), per_step
-
-
-def _train(config, out_dir, data_path, resume, minutes, device, progress, callback, stop_at):
     from tqdm.auto import tqdm
 
-    from course_tools.runs import RunState, all_generator_states, all_mean, distributed, save_atomic, wait_for_all
-
-    device = torch.device(device) if device is not None else get_device()
-    rank, world, device = distributed(device)
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must divide evenly over {world} processes")
-    amp_dtype, mem_format = fast_settings(device)
-    data = _TrainingData(data_path, config)
-    torch.manual_seed(config.seed)
-    schedule = make_schedule(**config.schedule_args()).to(device)
-    model = ContextUnet(n_feat=config.n_feat, n_cfeat=data.n_classes, height=data.height, norm=config.norm,
-                        prediction=config.prediction, zero_init=config.zero_init).to(device, memory_format=mem_format)
-    net = model
-    if world > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    ema = EMA(model, config.ema_decay, config.ema_warmup)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed + rank)  # drives this process's batches, t, noise, dropout
-    loss_options = {"snr_gamma": config.snr_gamma, "input_perturbation": config.input_perturbation,
-                    "t_probs": (None if config.t_sampling == "uniform"
-                                else timestep_probabilities(schedule.to("cpu"), config.t_sampling))}
-    run = RunState(out_dir, config, data, device, rank, world)
-    if resume:
-        run.resume(model, ema, opt, gen)
-    deadline = time.time() + 60 * minutes if minutes is not None else None
-    bar = tqdm(total=config.steps, initial=run.step, disable=not progress or rank > 0, desc="training", mininterval=2)
-    while run.step < config.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(run.step, config.steps, config.lr, config.lr_min, config.warmup)
-        x, c = data.batch(gen, device, mem_format, config.batch_size // world)          # 1. a batch of sprites
-        loss = train_step(net, opt, x, c, schedule, config.drop_prob, gen, amp_dtype, **loss_options)  # 2. a step
-        loss = all_mean(loss, world)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss} at step {run.step + 1}; training stopped. The last good "
-                                     f"checkpoint ({run.saved_step}) is kept in {run.ckpt_path}; try a lower --lr")
-        ema.update(model)                                                               # 3. the moving average
-        run.step += 1
-        run.history.append(loss)
-        bar.update(1)
-        if run.step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(run.history[-200:]):.4f}")
-        if callback is not None:
-            callback(run.step, loss)
-        if run.step in config.snapshot_steps and rank == 0:                             # 4. snapshots, checkpoints
-            run.save_snapshot(ema.model)
-        late = deadline is not None and all_mean(time.time() > deadline, world) > 0  # all processes agree
-        stop = run.step < config.steps and (late or run.step == stop_at)
-        if run.step % config.checkpoint_every == 0 or run.step == config.steps or stop:
-            run.save_checkpoint(model, ema, opt, all_generator_states(gen, world))
-        if stop:
+    optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+    ema = ema if ema is not None else EMA(model)
+    losses = []
+    bar = tqdm(range(start, steps), disable=not progress, desc="training", mininterval=2)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, lr_min, warmup)
+        x, c = next(batches)                                                  # 1. a batch of sprites
+        loss = train_step(model, optimizer, x, c, schedule, **loss_options)  # 2. one step down the loss
+        ema.update(model)                                                    # 3. the moving average
+        losses.append(loss)
+        if (step + 1) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        if callback is not None and callback(step + 1, loss) is False:
             break
     bar.close()
-    if run.step >= config.steps and rank == 0:
-        save_atomic({**weights_file(ema.model), "class_names": data.class_names, "schedule": config.schedule_args()},
-                    out_dir / "ema.pt")
-    wait_for_all(world)  # under torchrun, every process leaves once rank 0's files are written
-    return run.history
-
-
-class _TrainingData:
-    """The sprites as uint8 tensors, their one-hot contexts and per-sprite sampling weights; batch() draws
-    a class-balanced, augmented batch as floats in [-1, 1]."""
-
-    def __init__(self, data_path, config):
-        self.path = _resolve_data_path(data_path)
-        images, labels, _, class_names = _read_sprites(self.path)
-        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
-        self.n_classes, self.height, self.class_names = len(class_names), images.shape[1], class_names
-        if len(images) < 1000:  # warnings.warn shows this once per run
-            import warnings
-
-            warnings.warn(f"{self.path} holds only {len(images)} images ({self.n_classes} classes, {self.height}x"
-                          f"{self.height}); a ContextUnet has over a million weights (0.37 M at n_feat 32, 1.48 M at 64) "
-                          "and can memorise so few: expect samples that copy training images. Our sprite set has "
-                          "2,718; add images, or use a smaller --n-feat and fewer --steps.", stacklevel=2)
-        self.c = one_hot(torch.from_numpy(labels), self.n_classes)
-        self.weights = torch.from_numpy(class_sampling_weights(labels, config.class_balance))
-        self.config = config
-        self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
-
-    def batch(self, gen, device, mem_format, n):
-        cfg = self.config
-        idx = torch.multinomial(self.weights, n, replacement=True, generator=gen)
-        x = augment_batch(self.x[idx], flip=cfg.flip, generator=gen)
-        return x.to(device).contiguous(memory_format=mem_format), self.c[idx].to(device)
-
-
-def model_args(model):
-    """The constructor arguments that rebuild a ContextUnet's architecture (saved beside its weights)."""
-    return {"in_channels": model.in_channels, "n_feat": model.n_feat, "n_cfeat": model.n_cfeat,
-            "height": model.h, "norm": "group" if any(isinstance(m, nn.GroupNorm) for m in model.down1.modules())
-            else "batch", "prediction": model.prediction}
-
-
-def weights_file(model, half=False):
-    """What ema.pt and snapshots hold: {"model_args": ..., "state_dict": ...}; half=True stores floats
-    as fp16 (half the file size, the same samples)."""
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    return {"model_args": model_args(model), "state_dict": state}
+    return ema, losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,7 +631,7 @@ def denoise_add_noise(x, t, pred_noise, schedule, *, z=None):
         z = torch.randn_like(x)
     elif z.shape != x.shape:
         raise ValueError(f"z must have the shape of x, {tuple(x.shape)} (one fresh noise per sample), got {tuple(z.shape)}")
-    b, a, ab = (_at(v, t, x) for v in (schedule.b_t, schedule.a_t, schedule.ab_t))
+    b, a, ab = (_per_image(v, t, x) for v in (schedule.b_t, schedule.a_t, schedule.ab_t))
     mean = (x - pred_noise * (1 - a) / (1 - ab).sqrt()) / a.sqrt()
     return mean + b.sqrt() * z
 
@@ -896,7 +653,7 @@ def denoise_ddim(x, t, t_prev, pred_noise, schedule, *, eta=0.0, z=None):
     t_prev = _timestep_tensor(t_prev, B, schedule, "t_prev", low=0)
     if bool((t_prev >= t).any()):
         raise ValueError("t_prev must be smaller than t (DDIM steps go from noise towards the image)")
-    ab, ab_prev = _at(schedule.ab_t, t, x), _at(schedule.ab_t, t_prev, x)
+    ab, ab_prev = _per_image(schedule.ab_t, t, x), _per_image(schedule.ab_t, t_prev, x)
     x0 = predict_x0(x, t, pred_noise, schedule)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     direction = (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
@@ -979,15 +736,14 @@ def _check_guide_rescale(phi):
     return float(phi)
 
 
-def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype=None, guide_interval=None,
-                  guide_rescale=0.0):
+def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_interval=None, guide_rescale=0.0):
     """The network's noise estimate at integer step t in 0..T, with classifier-free guidance.
 
     eps = (1 + w) * eps(x, c) - w * eps(x, zero context); w = 0 is the plain conditional estimate.
     Both passes run as one batch. A v-predicting model's output is turned into eps first:
     eps = sqrt(ab_t) * v + sqrt(1 - ab_t) * x_t (substitute x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
-    into v's definition). context: (B, n_cfeat) floats or None. amp_dtype=torch.bfloat16 runs the
-    network under autocast (faster on CPUs with native bf16); the sampler's own arithmetic stays fp32.
+    into v's definition). context: (B, n_cfeat) floats or None. The sampler's arithmetic is fp32
+    (the network may compute in bf16: see ContextUnet.autocast_dtype).
     guide_interval=(low, high): guide only where low <= t <= high, elsewhere w = 0 (a "guidance
     interval", Kynkaanniemi et al. 2024: guidance at the noisiest steps narrows what gets drawn
     more than it helps the class show). guide_rescale=phi: see rescale_guidance; it acts on what the
@@ -1002,15 +758,13 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, amp_dtype
         guide_w = 0.0
     B = x.shape[0]
     tt = torch.full((B,), t / schedule.T, device=x.device, dtype=x.dtype)
-    with autocast_context(x.device, amp_dtype):
-        if guide_w == 0:
-            out = model(x, tt, context).float()
-        else:
-            both = model(torch.cat([x, x]), torch.cat([tt, tt]),
-                         torch.cat([context, torch.zeros_like(context)])).float()
-            out = (1 + guide_w) * both[:B] - guide_w * both[B:]  # linear, so the same in v or eps
-            if guide_rescale > 0:
-                out = rescale_guidance(out, both[:B], guide_rescale)
+    if guide_w == 0:
+        out = model(x, tt, context).float()
+    else:
+        both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, torch.zeros_like(context)])).float()
+        out = (1 + guide_w) * both[:B] - guide_w * both[B:]  # linear, so the same in v or eps
+        if guide_rescale > 0:
+            out = rescale_guidance(out, both[:B], guide_rescale)
     if getattr(model, "prediction", "eps") == "v":
         ab = schedule.ab_t[t].to(x.device)
         out = ab.sqrt() * out + (1 - ab).sqrt() * x
@@ -1040,17 +794,17 @@ def _randn(shape, generator, device):
 def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None):
     """What every sampler does first: check its inputs, move the schedule and context to the model's
     device, and draw x_T (or check the one given). Any nn.Module with ContextUnet's call signature
-    model(x, t/T, context) and its attributes in_channels, h and n_cfeat can be sampled
+    model(x, t/T, context) and its attributes in_channels, height and n_cfeat can be sampled
     (prediction="v" if it predicts v). Returns (schedule, context, x_T)."""
-    missing = [a for a in ("in_channels", "h", "n_cfeat") if not hasattr(model, a)]
+    missing = [a for a in ("in_channels", "height", "n_cfeat") if not hasattr(model, a)]
     if not isinstance(model, nn.Module) or missing:
         raise ValueError(f"model must be an nn.Module called as model(x, t / T, context) with the attributes "
-                         f"in_channels, h and n_cfeat, like ContextUnet; {type(model).__name__} lacks {missing}")
+                         f"in_channels, height and n_cfeat, like ContextUnet; {type(model).__name__} lacks {missing}")
     if not isinstance(n_sample, int) or n_sample < 1:
         raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
     device = _model_device(model)
     context = _prepare_context(context, n_sample, model, guide_w)
-    shape = (n_sample, model.in_channels, model.h, model.h)
+    shape = (n_sample, model.in_channels, model.height, model.height)
     if x_T is None:
         x = _randn(shape, generator, device)
     else:
@@ -1063,7 +817,7 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=
 
 @torch.no_grad()
 def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_rate=20, generator=None,
-                add_noise=True, progress=False, amp_dtype=None, guide_interval=None, guide_rescale=0.0):
+                add_noise=True, progress=False, guide_interval=None, guide_rescale=0.0):
     """Generate n_sample images with the full DDPM reverse process (T network calls).
 
     Returns (samples, intermediates): samples (n_sample, 3, H, W) float in about [-1, 1];
@@ -1074,7 +828,7 @@ def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_ra
     [0, 1], see rescale_guidance), as in predict_noise.
     generator: a seeded torch.Generator (on the CPU) for reproducible samples.
     add_noise=False never re-injects noise: the course's "incorrect" sampler (see sample_ddpm_incorrect).
-    progress shows a tqdm bar; amp_dtype as in predict_noise.
+    progress shows a tqdm bar.
     """
     from tqdm.auto import tqdm
 
@@ -1084,7 +838,7 @@ def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_ra
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM", mininterval=1):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype,
+            eps = predict_noise(model, x, t, schedule, context, guide_w,
                                 guide_interval=guide_interval, guide_rescale=guide_rescale)
             z = _randn(x.shape, generator, x.device) if (add_noise and t > 1) else torch.zeros_like(x)
             x = denoise_add_noise(x, t, eps, schedule, z=z)
@@ -1115,12 +869,12 @@ def ddim_timesteps(T, n_steps):
 
 @torch.no_grad()
 def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None, guide_w=0.0, generator=None,
-                progress=False, amp_dtype=None, x_T=None, guide_interval=None, guide_rescale=0.0):
+                progress=False, x_T=None, guide_interval=None, guide_rescale=0.0):
     """Generate n_sample images with DDIM in n_steps network calls (any n_steps in 1..T).
 
     Returns (samples, intermediates) like sample_ddpm; intermediates has n_steps + 1 frames (x_T and
     the result of every step). eta=0 is deterministic given the starting noise; eta=1 adds DDPM-like
-    noise. context, guide_w, guide_interval, guide_rescale, generator, progress and amp_dtype as in
+    noise. context, guide_w, guide_interval, guide_rescale, generator and progress as in
     sample_ddpm. x_T: start from this noise (n_sample, C, H, W) instead of drawing it, e.g. one made by
     invert_ddim (notebook 7).
     """
@@ -1132,7 +886,7 @@ def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None,
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM"):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype,
+            eps = predict_noise(model, x, t, schedule, context, guide_w,
                                 guide_interval=guide_interval, guide_rescale=guide_rescale)
             z = _randn(x.shape, generator, x.device) if eta > 0 else None
             x = denoise_ddim(x, t, t_prev, eps, schedule, eta=eta, z=z)
@@ -1145,7 +899,7 @@ def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None,
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def invert_ddim(model, x0, schedule, *, n_steps=100, context=None, guide_w=0.0, progress=False, amp_dtype=None):
+def invert_ddim(model, x0, schedule, *, n_steps=100, context=None, guide_w=0.0, progress=False):
     """The noise x_T that deterministic DDIM (eta 0, the same n_steps and context) maps back to x0.
 
     DDIM inversion (Song et al. 2020, sec. 4.3; Dhariwal & Nichol 2021, app. F): eta-0 DDIM is a
@@ -1158,15 +912,15 @@ def invert_ddim(model, x0, schedule, *, n_steps=100, context=None, guide_w=0.0, 
     from tqdm.auto import tqdm
 
     _check_images(x0, "x0")
-    if x0.shape[1:] != (model.in_channels, model.h, model.h):
-        raise ValueError(f"x0 must be images (B, {model.in_channels}, {model.h}, {model.h}) for this model, "
+    if x0.shape[1:] != (model.in_channels, model.height, model.height):
+        raise ValueError(f"x0 must be images (B, {model.in_channels}, {model.height}, {model.height}) for this model, "
                          f"got {tuple(x0.shape)}")
     steps = ddim_timesteps(schedule.T, n_steps)[::-1]  # 0 ... T
     schedule, context, _ = _start_sampling(model, x0.shape[0], schedule, context, guide_w, None, x0)
     x = x0.detach().float().to(_model_device(model))
     with _EvalMode(model):
         for t_prev, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DDIM inversion"):
-            eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+            eps = predict_noise(model, x, t, schedule, context, guide_w)
             ab, ab_prev = schedule.ab_t[t], schedule.ab_t[t_prev]
             x0_hat = (x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt()
             x = ab.sqrt() * x0_hat + (1 - ab).sqrt() * eps
@@ -1203,7 +957,7 @@ def slerp(a, b, t):
 def _check_inpainting(x_known, mask, model):
     """x_known: (B, C, H, W) in [-1, 1] for this model; mask: 0/1 floats (B or 1, 1 or C, H, W)."""
     _check_images(x_known, "x_known")
-    want = (model.in_channels, model.h, model.h)
+    want = (model.in_channels, model.height, model.height)
     if tuple(x_known.shape[1:]) != want:
         raise ValueError(f"x_known must have shape (B, {', '.join(map(str, want))}) for this model, "
                          f"got {tuple(x_known.shape)}")
@@ -1222,7 +976,7 @@ def _check_inpainting(x_known, mask, model):
 
 @torch.no_grad()
 def inpaint(model, x_known, mask, schedule, *, n_steps=50, resample=5, context=None, guide_w=0.0, generator=None,
-            progress=False, amp_dtype=None):
+            progress=False):
     """Fill in the pixels where mask == 0 so that they fit the known ones (RePaint, Lugmayr et al. 2022).
 
     Each reverse step t -> t_prev makes the unknown part with an ancestral (eta 1) DDIM step and
@@ -1246,7 +1000,7 @@ def inpaint(model, x_known, mask, schedule, *, n_steps=50, resample=5, context=N
     with _EvalMode(model):
         for t, t_prev in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="RePaint"):
             for r in range(resample):
-                eps = predict_noise(model, x, t, schedule, context, guide_w, amp_dtype=amp_dtype)
+                eps = predict_noise(model, x, t, schedule, context, guide_w)
                 unknown = denoise_ddim(x, t, t_prev, eps, schedule, eta=1.0, z=_randn(x.shape, generator, x.device))
                 known = perturb_input(x_known, t_prev, _randn(x.shape, generator, x.device), schedule)
                 x_prev = mask * known + (1 - mask) * unknown
@@ -1283,7 +1037,7 @@ def logsnr_timesteps(schedule, n_steps):
 
 @torch.no_grad()
 def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, guide_w=0.0, generator=None,
-                      progress=False, amp_dtype=None, x_T=None, guide_interval=None, guide_rescale=0.0):
+                      progress=False, x_T=None, guide_interval=None, guide_rescale=0.0):
     """Generate n_sample images with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in n_steps network calls.
 
     Same ODE as eta-0 DDIM, solved with a second-order multistep method: each step reuses the
@@ -1302,7 +1056,7 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
     frames, x0_prev, h_prev = [x.cpu().numpy()], None, None
     with _EvalMode(model):
         for s, t in tqdm(list(zip(steps[:-1], steps[1:])), disable=not progress, desc="DPM-Solver++"):
-            eps = predict_noise(model, x, s, schedule, context, guide_w, amp_dtype=amp_dtype,
+            eps = predict_noise(model, x, s, schedule, context, guide_w,
                                 guide_interval=guide_interval, guide_rescale=guide_rescale)
             x0 = predict_x0(x, s, eps, schedule)
             if t == 0:
@@ -1333,18 +1087,15 @@ def to_display(x):
 
 
 def image_grid(x, nrow=8, pad=1, pad_value=1.0):
-    """A batch (B, 3, H, W) in [-1, 1] as one numpy (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) image in [0, 1]."""
-    imgs = to_display(x)
-    if imgs.ndim != 4:
-        raise ValueError(f"image_grid needs a batch (B, 3, H, W), got shape {imgs.shape[:-1]}")
-    B, H, W, _ = imgs.shape
-    ncol = min(nrow, B)
-    nrows = math.ceil(B / ncol)
-    grid = np.full((nrows * (H + pad) + pad, ncol * (W + pad) + pad, 3), pad_value, np.float32)
-    for i in range(B):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = imgs[i]
-    return grid
+    """A batch (B, 3, H, W) in [-1, 1] as one numpy image (rows, columns, 3) in [0, 1], nrow images per row
+    with pad pixels of pad_value between them (torchvision's make_grid)."""
+    from torchvision.utils import make_grid
+
+    x = torch.as_tensor(np.asarray(x.detach().cpu() if torch.is_tensor(x) else x))
+    if x.dim() != 4:
+        raise ValueError(f"image_grid needs a batch (B, 3, H, W), got shape {tuple(x.shape)}")
+    grid = make_grid(((x.float() + 1) / 2).clamp(0, 1), nrow=nrow, padding=pad, pad_value=pad_value)
+    return grid.permute(1, 2, 0).numpy()
 
 
 def show_images(x, nrow=8, title=None, scale=0.6, ax=None):
@@ -1438,17 +1189,17 @@ def load_model(path, device=None, **model_args):
     The noise schedule it was trained with goes to model.schedule_args (see model_schedule), its class
     names, where the file records them, to model.class_names.
     """
-    device = torch.device(device) if device is not None else get_device()
     state, saved, extras = read_weights(path)
-    model = ContextUnet(**{**saved, **model_args})
+    args = {**saved, **model_args}
+    model = ContextUnet(**args)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not fit ContextUnet({', '.join(f'{k}={v!r}' for k, v in {**saved, **model_args}.items())})"
+        raise ValueError(f"{path} does not fit ContextUnet({', '.join(f'{k}={v!r}' for k, v in args.items())})"
                          f": {str(err).splitlines()[0]}; pass the architecture it was trained with (e.g. n_feat=...)") from None
     model.schedule_args = dict(extras.get("schedule", {}))
     model.class_names = [str(n) for n in extras.get("class_names", [])]
-    return model.to(device).eval()
+    return model.to(get_device(device)).eval()
 
 
 def model_schedule(model):
@@ -1457,23 +1208,52 @@ def model_schedule(model):
     return make_schedule(**getattr(model, "schedule_args", {}))
 
 
+def read_manifest(weights_dir=WEIGHTS_DIR):
+    """weights/manifest.json as a dict: name -> entry (file, sha256, kind, how it was made, metrics)."""
+    path = Path(weights_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no weights manifest at {path}; the shipped weights live in weights/ of the "
+                                "repository (clone it whole)")
+    try:
+        weights = json.loads(path.read_text())["weights"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid manifest ({err}); restore it with `git checkout -- weights/`") from None
+    root = Path(weights_dir).resolve()
+    for name, entry in weights.items():
+        if root not in (root / str(entry.get("file", ""))).resolve().parents:
+            raise ValueError(f"{path}: entry {name!r} points outside {root} ({entry.get('file')!r}); refusing to load it")
+    return weights
+
+
+def checked_entry(name, weights_dir=WEIGHTS_DIR):
+    """(path, manifest entry) of a shipped file, once the file is found to match its sha256."""
+    manifest = read_manifest(weights_dir)
+    if name not in manifest:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(sorted(manifest))}")
+    entry = manifest[name]
+    path = Path(weights_dir) / entry["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} is listed in the manifest but missing; "
+                                "restore it with `git checkout -- weights/`")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != entry["sha256"]:
+        raise ValueError(f"weights file {path} does not match its manifest (sha256 {digest[:12]}..., expected "
+                         f"{entry['sha256'][:12]}...): it was changed or damaged. Restore it with "
+                         "`git checkout -- weights/` or re-download the repository.")
+    return path, entry
+
+
 def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
-    """A shipped model, ready to use in eval mode: name is a key of weights/manifest.json.
+    """A shipped ContextUnet, ready to use in eval mode: name is a key of weights/manifest.json.
 
     "sprites" is the main sprite model (EMA weights); "sprites_step000250" and similar are snapshots
-    from early in its training; "classifier" is the SpriteClassifier the metrics use. The file's
-    sha256 is checked against the manifest first, and a mismatch is refused.
+    from early in its training. The file's sha256 is checked against the manifest first, and a
+    mismatch is refused. (The judging classifier: course_tools.metrics.load_classifier.)
     """
-    from course_tools.manifest import checked_entry  # tooling, imported only when needed
-
     path, entry = checked_entry(name, weights_dir)
-    device = torch.device(device) if device is not None else get_device()
-    if entry["kind"] == "classifier":
-        from course_tools.metrics import SpriteClassifier
-
-        model = SpriteClassifier(**entry.get("args", {}))
-        model.load_state_dict(read_weights(path)[0])
-        return model.to(device).eval()
+    if entry["kind"] != "ContextUnet":
+        raise ValueError(f"{name!r} is a {entry['kind']}, not a ContextUnet; the judging classifier is loaded "
+                         "with course_tools.metrics.load_classifier")
     model = load_model(path, device, **entry.get("args", {}))
     model.schedule_args = model.schedule_args or entry.get("schedule", {})
     model.class_names = model.class_names or list(entry.get("class_names", []))

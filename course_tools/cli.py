@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from course_tools.hardware import describe_device, fast_settings
 from course_tools.manifest import add_to_manifest, read_manifest, remove_from_manifest
 from course_tools.metrics import (
     classifier_outputs,
     compare_solvers,
     evaluate,
+    load_classifier,
     memorisation_figure,
     metrics_markdown,
     solvers_markdown,
@@ -27,13 +29,12 @@ from course_tools.metrics import (
     train_classifier,
 )
 from course_tools.pictures import save_gif, save_grid_png
-from course_tools.runs import describe_device, save_atomic
+from course_tools.runs import save_atomic, write_atomic
+from course_tools.training import TrainConfig, run_training
 from diffusion_utilities import (
     DATA_FILE,
     WEIGHTS_DIR,
     ContextUnet,
-    TrainConfig,
-    fast_settings,
     get_device,
     load_model,
     load_pretrained,
@@ -44,7 +45,6 @@ from diffusion_utilities import (
     sample_ddim,
     sample_ddpm,
     to_tensor_images,
-    train,
 )
 
 
@@ -60,7 +60,7 @@ def _cmd_train(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    history = train(config, args.out, data_path=args.data, resume=args.resume, minutes=args.minutes,
+    history = run_training(config, args.out, data_path=args.data, resume=args.resume, minutes=args.minutes,
                     device=args.device)
     print(f"{len(history)} of {config.steps} steps done; last-200 mean loss "
           f"{np.mean(history[-200:]):.4f}; this run took {(time.time() - t0) / 60:.1f} min; files in {args.out}")
@@ -80,7 +80,7 @@ def _cmd_sample(args):
     if args.sampler == "ddpm" and args.steps is not None:
         raise SystemExit("sample: --steps sets DDIM's step count; DDPM always takes all 500 steps "
                          "(drop --steps, or use --sampler ddim)")
-    device = torch.device(args.device) if args.device else get_device()
+    device = get_device(args.device)
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
     names = _class_names(model)
     classes = [_class_id(c, names) for c in (args.classes or names)]
@@ -156,16 +156,15 @@ def _cmd_export(args):
     if ck["step"] < cfg["steps"]:
         raise SystemExit(f"export: {run} stopped at step {ck['step']} of {cfg['steps']}; finish it first with "
                          f"`python diffusion_utilities.py train --out {run} --resume` (and the same settings)")
-    have = {int(p.stem.split("_")[1]): p for p in sorted(run.glob("snap_*.pt"))}
+    have = run_snapshots(run)
     missing = sorted(set(args.snapshots or []) - set(have))
     if missing:
         raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} to ship (it has {sorted(have) or 'none'})")
     snaps = {step: have[step] for step in (have if args.snapshots is None else sorted(set(args.snapshots)))}
-    model_args = ck.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
-    weights = read_weights(run / "checkpoint.pt")[0]
+    weights, model_args, _ = read_weights(run / "checkpoint.pt")
     if args.average_snapshots:
         params = {name for name, _ in ContextUnet(**model_args).named_parameters()}
-        weights = _average_with_snapshots(weights, run, args.average_snapshots, keys=params)
+        weights = average_with_snapshots(weights, run, args.average_snapshots, keys=params)
     made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
             "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"), "args": model_args}
     if ck.get("class_names"):
@@ -176,7 +175,7 @@ def _cmd_export(args):
     loss = np.asarray(hist["loss"])
     k = 50  # the loss curve the training lesson plots: means over blocks of 50 steps
     curve = [round(float(v), 5) for v in loss[: len(loss) // k * k].reshape(-1, k).mean(1)]
-    (wdir / f"{args.name}_loss.json").write_text(json.dumps({"block": k, "mean_loss": curve}))
+    write_atomic(wdir / f"{args.name}_loss.json", json.dumps({"block": k, "mean_loss": curve}))
     # self-describing like ema.pt and the snapshots, so that load_model(file) rebuilds the right network and schedule
     extras = {k: ck[k] for k in ("schedule", "class_names") if ck.get(k)}
     save_atomic({"model_args": model_args, "state_dict": weights, "step": ck["step"], **extras}, wdir / f"{args.name}.pt")
@@ -215,13 +214,18 @@ def _same_weights(path, state):
                                               for k, v in state.items())
 
 
-def _average_with_snapshots(final, run, steps, *, keys):
+def run_snapshots(run):
+    """{step: path} of a run folder's EMA snapshots (snap_<step>.pt, as course_tools.runs writes them)."""
+    return {int(p.stem.removeprefix("snap_")): p for p in sorted(Path(run).glob("snap_*.pt"))}
+
+
+def average_with_snapshots(final, run, steps, *, keys):
     """The mean of the final EMA weights and the EMA snapshots saved at these steps: an average over more of
     the end of training than the EMA alone (post-hoc averaging of stored snapshots, as in Karras et al. 2024,
     "Analyzing and Improving the Training Dynamics of Diffusion Models"). Only the entries named in keys are
     averaged, the rest stay the final ones: export averages the parameters and keeps BatchNorm's running
     statistics (averaging them too was measured worse, research/ema_length.json)."""
-    have = sorted(int(p.stem.split("_")[1]) for p in run.glob("snap_*.pt"))
+    have = sorted(run_snapshots(run))
     missing = sorted(set(steps) - set(have))
     if missing:
         raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} (it has {have or 'none'}); "
@@ -255,7 +259,7 @@ def _cmd_evaluate(args):
     out = _destination(args.out, args.to_weights, "evaluate")
     if args.to_weights and args.weights:
         raise SystemExit("evaluate: --to-weights records a shipped model's numbers; use --model NAME, not --weights")
-    device = torch.device(args.device) if args.device else get_device()
+    device = get_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.weights, device) if args.weights else load_pretrained(args.model, device)
@@ -264,7 +268,7 @@ def _cmd_evaluate(args):
         raise SystemExit(f"evaluate: --guide-interval LOW HIGH needs 0 <= LOW <= HIGH <= {T}, got {list(interval)}")
     if args.guide_rescale is not None and not 0 < args.guide_rescale <= 1:
         raise SystemExit(f"evaluate: --guide-rescale needs a number in (0, 1], got {args.guide_rescale}")
-    classifier = load_pretrained("classifier", device)
+    classifier = load_classifier(device)
     images, labels, class_names = load_sprites(args.data)
     _, test_idx = split_indices(labels, seed=0)
     amp_dtype = fast_settings(device)[0] if args.fast else None
@@ -287,11 +291,11 @@ def _cmd_evaluate(args):
     res["command"] = command
     res["solvers"] = solvers
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(res, indent=2))
-    (out / "metrics.md").write_text(metrics_markdown(res, command.strip()))
+    write_atomic(out / "metrics.json", json.dumps(res, indent=2))
+    write_atomic(out / "metrics.md", metrics_markdown(res, command.strip()))
     memorisation_figure(samples, dist, nn_idx, images, out / "memorisation.png")
     if args.to_weights:
-        _record_metrics(res, args.model)
+        record_metrics(res, args.model)
     print((out / "metrics.md").read_text())
 
 
@@ -305,14 +309,12 @@ def _update_solvers(out, solvers):
     res = json.loads(path.read_text())
     res["solvers"] = solvers
     markdown = metrics_markdown(res, res["command"])
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    (out / "metrics.md").write_text(markdown)
-    tmp.replace(path)
+    write_atomic(out / "metrics.md", markdown)
+    write_atomic(path, json.dumps(res, indent=2))
     print("\n".join(solvers_markdown(solvers)))
 
 
-def _record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
+def record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
     """Write the headline numbers of an evaluation beside each evaluated file in the manifest."""
     manifest = read_manifest(weights_dir)
     ddpm = res["samplers"][0]

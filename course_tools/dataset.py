@@ -8,9 +8,12 @@ sources (N,) (paths relative to DIR). Exact duplicates are dropped; unreadable f
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
+
+from course_tools.runs import write_atomic
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -104,13 +107,10 @@ def make_dataset(folder, size=16, fit="pad"):
 
 
 def write_dataset(data, out):
-    """Save a dataset dict as .npz (written to a temporary name first, so a failure leaves no half file)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, **data)
-    tmp.replace(out)
-    return out
+    """Save a dataset dict as .npz, atomically (a failure leaves no half-written file)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **data)
+    return write_atomic(out, buffer.getvalue())
 
 
 def summary(data, report):

@@ -14,9 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_tools.hardware import computing_in
 from course_tools.pictures import save_grid_png
 from diffusion_utilities import (
+    WEIGHTS_DIR,
     augment_batch,
+    checked_entry,
+    get_device,
+    read_weights,
     sample_ddim,
     sample_ddpm,
     sample_dpm_solver,
@@ -52,6 +57,15 @@ class SpriteClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+def load_classifier(device=None, weights_dir=WEIGHTS_DIR):
+    """The shipped judging classifier (weights/classifier.pt, checked against its manifest sha256), in eval
+    mode on device. Notebooks 3 and 5 use it to score samples: a public name the lessons may import."""
+    path, entry = checked_entry("classifier", weights_dir)
+    model = SpriteClassifier(**entry.get("args", {}))
+    model.load_state_dict(read_weights(path)[0])
+    return model.to(get_device(device)).eval()
+
+
 def split_indices(labels, test_fraction=0.15, seed=0):
     """A stratified train/test split of sprite indices: (train_idx, test_idx), both sorted."""
     rng = np.random.default_rng(seed)
@@ -77,7 +91,7 @@ def train_classifier(images, labels, *, n_classes, epochs=30, batch_size=64, lr=
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_all = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
+    x_all = to_tensor_images(images)
     y_all = torch.as_tensor(labels).long()
     counts = torch.bincount(y_all, minlength=n_classes).float()
     class_w = (counts.sum() / (len(counts) * counts.clamp(min=1)))
@@ -90,7 +104,7 @@ def train_classifier(images, labels, *, n_classes, epochs=30, batch_size=64, lr=
         perm = torch.randperm(len(y_all), generator=gen)
         for b in range(n_batches):
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            x = augment_batch(x_all[idx], flip=True, generator=gen)
+            x = augment_batch(x_all[idx], generator=gen)
             x = x + 0.05 * torch.randn(x.shape, generator=gen)  # robustness to slightly noisy samples
             loss = F.cross_entropy(model(x), y_all[idx], weight=class_w)
             opt.zero_grad(set_to_none=True)
@@ -176,7 +190,8 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
     """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds).
 
     sampler: "ddpm" (T steps), "ddim" or "dpm-solver" (n_steps network calls each);
-    guide_interval (the steps (low, high) where guidance acts) and guide_rescale as in predict_noise."""
+    guide_interval (the steps (low, high) where guidance acts) and guide_rescale as in predict_noise;
+    amp_dtype: the network's autocast dtype while sampling (None: fp32), see ContextUnet.autocast_dtype."""
     from tqdm.auto import tqdm
 
     labels = torch.as_tensor(labels).long()
@@ -185,19 +200,20 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
     for i in tqdm(range(0, len(labels), batch_size), disable=not progress,
                   desc=f"{sampler}-{schedule.T if sampler == 'ddpm' else n_steps} w={guide_w}"):
         lab = labels[i:i + batch_size]
-        common = dict(context=lab, guide_w=guide_w, generator=gen, amp_dtype=amp_dtype, guide_interval=guide_interval,
+        common = dict(context=lab, guide_w=guide_w, generator=gen, guide_interval=guide_interval,
                       guide_rescale=guide_rescale)
-        if sampler == "ddpm":
-            x, _ = sample_ddpm(model, len(lab), schedule, save_rate=schedule.T, **common)
-        elif sampler == "dpm-solver":
-            x, _ = sample_dpm_solver(model, len(lab), schedule, n_steps=n_steps, **common)
-        else:
-            x, _ = sample_ddim(model, len(lab), schedule, n_steps=n_steps, eta=eta, **common)
+        with computing_in(model, amp_dtype):
+            if sampler == "ddpm":
+                x, _ = sample_ddpm(model, len(lab), schedule, save_rate=schedule.T, **common)
+            elif sampler == "dpm-solver":
+                x, _ = sample_dpm_solver(model, len(lab), schedule, n_steps=n_steps, **common)
+            else:
+                x, _ = sample_ddim(model, len(lab), schedule, n_steps=n_steps, eta=eta, **common)
         out.append(x.cpu())
     return torch.cat(out), time.time() - t0
 
 
-def _real_sets(classifier, images, labels, n, seed):
+def real_sets(classifier, images, labels, n, seed):
     """Two disjoint random sets of n real sprites as classifier features (reference, other), and the
     class ids of the second set: samples are made for these, so they share the real data's class mix."""
     labels = np.asarray(labels)
@@ -216,7 +232,7 @@ def compare_solvers(model, classifier, schedule, images, labels, n=1000, seed=0,
     """Quality against network calls: sprite-FID, KID and class accuracy of DDIM (eta 0) and
     DPM-Solver++(2M) at each number of calls, on the same real sets and seeds as evaluate (w = 0).
     Returns {"n", "seed", "floor_fid", "rows": [{sampler, calls, s_per_sample, fid, kid, accuracy}]}."""
-    real_ref, real_other, gen_labels = _real_sets(classifier, images, labels, n, seed)
+    real_ref, real_other, gen_labels = real_sets(classifier, images, labels, n, seed)
     rows = []
     for sampler in ("ddim", "dpm-solver"):
         for k in calls:
@@ -267,7 +283,7 @@ def evaluate(model, classifier, schedule, images, labels, test_idx, *, class_nam
     Returns (results dict, the DDPM samples, their nearest training sprites' indices and distances).
     """
     labels = np.asarray(labels)
-    real_ref, real_other, gen_labels = _real_sets(classifier, images, labels, n, seed)
+    real_ref, real_other, gen_labels = real_sets(classifier, images, labels, n, seed)
     res = {"n": n, "seed": seed, "amp_dtype": str(amp_dtype), "near_copy_rms": NEAR_COPY_RMS,
            "guide_steps": guide_steps}
     res["floor"] = {"fid": frechet_distance(real_other, real_ref),

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from diffusion_utilities import image_grid
 
 
 def save_grid_png(x, path, nrow=8, scale=4):
-    """Write a batch (B, 3, H, W) in [-1, 1] as a PNG grid, each pixel scale x scale."""
-    from PIL import Image
+    """Write a batch (B, 3, H, W) in [-1, 1] as a PNG grid, each pixel a crisp scale x scale block."""
+    from torchvision.utils import save_image
 
-    grid = (image_grid(x, nrow) * 255).round().astype(np.uint8)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    grid = torch.from_numpy(image_grid(x, nrow)).permute(2, 0, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    save_image(grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2), path)  # nearest: pixel art stays sharp
     return path
 
 

@@ -1,7 +1,6 @@
 """Training-run plumbing that no lesson reads: atomic saves, the run-folder lock, checkpoints and
-resuming, the processes of a torchrun job, and the hardware a run records. diffusion_utilities.train
-uses it (importing it when it runs); the training loop itself, which notebook 3 teaches, stays in the
-course module.
+resuming, the processes of a torchrun job. course_tools.training uses it around the course module's
+training loop (diffusion_utilities.train), which notebook 3 teaches.
 """
 from __future__ import annotations
 
@@ -13,39 +12,34 @@ from pathlib import Path
 
 import torch
 
-from diffusion_utilities import cpu_supports_bf16, model_args, weights_file
+from course_tools.hardware import describe_device
 
 
-def describe_device(device):
-    """A short description of the hardware, for histories, manifests and benchmark tables."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        import platform
-        name = platform.processor() or name
-    bf16 = ", native bf16" if cpu_supports_bf16() else ""
-    return f"{name}, {torch.get_num_threads()} threads{bf16}"
+def write_atomic(path, data):
+    """Write bytes or text to a temporary file beside path, then rename it over path: a crash never leaves a
+    half-written file, and a reader sees the old file or the new one. The one writer the tools use."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
+    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+    os.replace(tmp, path)
+    return path
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file.
-
-    The bytes depend on obj alone: torch.save records the file's name inside the file, so it saves to a
-    buffer, not under the temporary name. Exporting the same weights again gives the same sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """torch.save through write_atomic. The bytes depend on obj alone: torch.save records the file's name
+    inside the file, so it saves to a buffer, not under the temporary name. Exporting the same weights
+    again gives the same sha256."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    return write_atomic(path, buffer.getvalue())
+
+
+def weights_file(model, half=False):
+    """What ema.pt and snapshots hold: {"model_args": model.settings, "state_dict": ...}; half=True stores
+    floats as fp16 (half the file size, the same samples)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    return {"model_args": dict(model.settings), "state_dict": state}
 
 
 class RunLock:
@@ -206,7 +200,7 @@ class RunState:
                      "generators": generator_states, "world_size": self.world,
                      "rng": {"torch": torch.get_rng_state()}, "step": self.step, "history": self.history,
                      "train_seconds": seconds, "data_path": str(self.data.path), "data_sha256": self.data.digest,
-                     "model_args": model_args(model), "class_names": self.data.class_names,
+                     "model_args": dict(getattr(model, "module", model).settings), "class_names": self.data.class_names,
                      "schedule": self.config.schedule_args()},
                     self.ckpt_path)
         (self.out_dir / "history.json").write_text(json.dumps({"loss": self.history, "train_seconds": seconds,

@@ -32,7 +32,7 @@ class GaussianOracle(torch.nn.Module):
     def __init__(self, mu, s, schedule, height=4):
         super().__init__()
         self.mu, self.s, self.schedule = mu, s, schedule
-        self.in_channels, self.h, self.n_cfeat, self.prediction = 3, height, 5, "eps"
+        self.in_channels, self.height, self.n_cfeat, self.prediction = 3, height, 5, "eps"
         self.unused = torch.nn.Parameter(torch.zeros(1))  # samplers read the device from the parameters
 
     def forward(self, x, t, c=None):

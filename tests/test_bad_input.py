@@ -9,6 +9,7 @@ import torch
 import course_tools.cli as cli
 import course_tools.manifest as cman
 import diffusion_utilities as du
+from course_tools.training import TrainConfig, run_training
 
 
 def test_uint8_images_are_refused_not_misread(schedule, tiny_model):
@@ -59,7 +60,7 @@ def test_float_class_ids_are_not_read_as_a_blend(schedule, tiny_model):
 
 def test_any_network_with_the_call_signature_samples(schedule):
     class MyNet(torch.nn.Module):  # a learner's own network, not a ContextUnet
-        in_channels, h, n_cfeat = 3, 8, 5
+        in_channels, height, n_cfeat = 3, 8, 5
 
         def __init__(self):
             super().__init__()
@@ -70,7 +71,7 @@ def test_any_network_with_the_call_signature_samples(schedule):
 
     out, frames = du.sample_ddim(MyNet(), 2, schedule, n_steps=3, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 8, 8) and frames.shape == (4, 2, 3, 8, 8)
-    with pytest.raises(ValueError, match="lacks \\['h', 'n_cfeat'\\]"):
+    with pytest.raises(ValueError, match="lacks \\['height', 'n_cfeat'\\]"):
         du.sample_ddim(torch.nn.Conv2d(3, 3, 1), 2, schedule)
 
 
@@ -119,12 +120,12 @@ def test_bad_dataset_files(tmp_path):
 ])
 def test_bad_training_options(option, value, message):
     with pytest.raises(ValueError, match=message):
-        du.TrainConfig(**{option: value})
+        TrainConfig(**{option: value})
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, monkeypatch):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=6, batch_size=4, n_feat=8, warmup=1, checkpoint_every=2)
+    cfg = TrainConfig(steps=6, batch_size=4, n_feat=8, warmup=1, checkpoint_every=2)
     real_step = du.train_step
     calls = []
 
@@ -134,22 +135,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, m
 
     monkeypatch.setattr(du, "train_step", poisoned)
     with pytest.raises(FloatingPointError, match="loss became nan at step 4.*checkpoint \\(2\\)"):
-        du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+        run_training(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_resume_names_the_setting_that_differs(tiny_npz, tmp_path):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
-    du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
+    cfg = TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
+    run_training(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
     with pytest.raises(ValueError, match="lr=0.001 in the checkpoint, now 0.002"):
-        du.train(du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1, lr=2e-3), tmp_path / "r", data_path=data,
+        run_training(TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1, lr=2e-3), tmp_path / "r", data_path=data,
                  progress=False, device="cpu", resume=True)
     other = tmp_path / "other.npz"
     d = dict(np.load(data))
     np.savez(other, **{**d, "images": d["images"][::-1].copy()})
     with pytest.raises(ValueError, match="--data: the checkpoint trained on"):
-        du.train(cfg, tmp_path / "r", data_path=other, progress=False, device="cpu", resume=True)
+        run_training(cfg, tmp_path / "r", data_path=other, progress=False, device="cpu", resume=True)
 
 
 def test_load_model_on_a_file_that_is_not_weights(tmp_path):

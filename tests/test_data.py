@@ -38,12 +38,23 @@ def test_missing_file_says_what_to_do(tmp_path):
 
 
 def test_flip_only_mirrors():
-    imgs = torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8)
-    out = du.augment_batch(imgs, flip=True, generator=torch.Generator().manual_seed(0))
-    base = imgs.float() / 127.5 - 1
+    base = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = du.augment_batch(base, generator=torch.Generator().manual_seed(0))
     same = (out == base).flatten(1).all(1)
     mirrored = (out == base.flip(-1)).flatten(1).all(1)
     assert torch.all(same | mirrored) and 60 < mirrored.sum() < 140
+
+
+def test_sprite_batches_draw_classes_by_their_weights_and_convert_once():
+    images, labels, names = du.load_sprites()
+    counts = np.bincount(labels)
+    batches = du.sprite_batches(images, labels, batch_size=512, class_balance=0.0, n_cfeat=len(names),
+                                generator=torch.Generator().manual_seed(0))
+    drawn = sum(next(batches)[1].sum(0) for _ in range(10)) / 5120  # one-hot rows: class shares
+    assert torch.allclose(drawn, torch.full((len(names),), 1 / len(names)), atol=0.03)  # balanced despite counts
+    assert counts.max() > 5 * counts.min()
+    x, c = next(batches)
+    assert x.shape == (512, 3, 16, 16) and x.min() >= -1 and x.max() <= 1 and c.shape == (512, len(names))
 
 
 def test_class_sampling_weights():

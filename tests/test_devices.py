@@ -11,7 +11,10 @@ import torch
 from standin_device import DeviceMismatch, OnStandin, StandinDevice
 
 import diffusion_utilities as du
+from course_tools import hardware
+from course_tools.hardware import fast_settings
 from course_tools.metrics import SpriteClassifier, classifier_outputs
+from course_tools.training import TrainConfig, plan_steps, run_training, timestep_probabilities
 
 KINDS = ["cuda", "mps"]
 
@@ -47,7 +50,7 @@ CASES = {
                                           resample=2, context=CTX, generator=seeded()),
     "predict_noise": lambda m, s, d: du.predict_noise(m, X0.to(d), 30, s, du.one_hot(CTX).to(d), 2.0, guide_rescale=0.5),
     "diffusion_loss": lambda m, s, d: du.diffusion_loss(m, X0.to(d), du.one_hot(CTX).to(d), s.to(d), generator=seeded(),
-                                                        snr_gamma=5.0, t_probs=du.timestep_probabilities(s.to(d), "lognormal")),
+                                                        snr_gamma=5.0, t_probs=timestep_probabilities(s.to(d), "lognormal")),
     "perturb_input": lambda m, s, d: du.perturb_input(X0.to(d), torch.tensor([1, 10, 30, 50]), torch.ones(4, 3, 16, 16).to(d), s),
     "predict_x0": lambda m, s, d: du.predict_x0(X0.to(d), 25, torch.ones(4, 3, 16, 16).to(d), s),
     "velocity": lambda m, s, d: du.velocity(X0.to(d), torch.ones(4, 3, 16, 16).to(d), torch.tensor([1, 2, 3, 4]).to(d), s),
@@ -57,15 +60,16 @@ CASES = {
     "slerp": lambda m, s, d: du.slerp(X0.to(d), X0.flip(0).to(d), 0.3),
     "to_display": lambda m, s, d: torch.as_tensor(du.to_display(X0.to(d))),
     "image_grid": lambda m, s, d: torch.as_tensor(du.image_grid(X0.to(d), nrow=2)),
-    "augment_batch": lambda m, s, d: du.augment_batch(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8,
-                                                                    generator=seeded()).to(d), generator=seeded()),
+    "augment_batch": lambda m, s, d: du.augment_batch(X0.to(d), generator=seeded()),
+    "sprite_batches": lambda m, s, d: next(du.sprite_batches(*du.load_sprites()[:2], batch_size=8, generator=seeded(),
+                                                             device=d))[0],
 }
 # Public functions that hold no tensors of their own, or that the cases above and the tests below cover.
 ELSEWHERE = {
-    "load_sprites", "to_tensor_images", "one_hot", "get_device", "autocast_context", "cpu_supports_bf16", "fast_settings",
-    "make_schedule", "make_norm", "count_parameters", "snr", "timestep_probabilities", "train_step", "lr_at",
-    "class_sampling_weights", "train", "plan_steps", "model_args", "weights_file", "ddim_timesteps", "logsnr_timesteps",
-    "show_images", "plot_sample", "animation_html", "read_weights", "load_model", "model_schedule", "load_pretrained",
+    "load_sprites", "find_data_file", "to_tensor_images", "one_hot", "get_device", "make_schedule", "make_norm",
+    "count_parameters", "snr", "train_step", "lr_at", "class_sampling_weights", "train", "ddim_timesteps",
+    "logsnr_timesteps", "show_images", "plot_sample", "animation_html", "read_weights", "load_model", "model_schedule",
+    "read_manifest", "checked_entry", "load_pretrained",
 }
 
 
@@ -97,17 +101,25 @@ def test_training_steps_ema_and_the_loop_on_a_gpu(kind, tmp_path, tiny_npz):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ema = du.EMA(model)
         x, c = X0.to(kind), du.one_hot(CTX).to(kind)
-        loss = du.train_step(model, opt, x, c, SCHEDULE.to(kind), generator=seeded(), amp_dtype=du.fast_settings(kind)[0])
+        model.autocast_dtype = fast_settings(kind)[0]
+        loss = du.train_step(model, opt, x, c, SCHEDULE.to(kind), generator=seeded())
         ema.update(model)
         assert np.isfinite(loss)
-        cfg = du.TrainConfig(steps=3, n_feat=16, batch_size=8, warmup=1, checkpoint_every=3, t_sampling="lognormal")
-        assert du.plan_steps(cfg, 1e6, data_path=tiny_npz, device=kind, probe_steps=5)[0] == 3
-        history = du.train(cfg, tmp_path / "run", data_path=tiny_npz, device=kind, progress=False)
+        images, labels, _ = du.load_sprites(tiny_npz)
+        batches = du.sprite_batches(images, labels, batch_size=8, generator=seeded(), device=kind)
+        assert plan_steps(1e6, model=model, batches=batches, schedule=SCHEDULE.to(kind), max_steps=3, probe_steps=5,
+                          warmup=1, generator=seeded())[0] == 3
+        ema, losses = du.train(model, batches, SCHEDULE.to(kind), steps=3, warmup=1, progress=False,
+                               generator=seeded(), snr_gamma=5.0)
+        assert len(losses) == 3 and next(ema.model.parameters()).device.type == kind
+        cfg = TrainConfig(steps=3, n_feat=16, batch_size=8, warmup=1, checkpoint_every=3, t_sampling="lognormal",
+                          input_perturbation=0.1)
+        history = run_training(cfg, tmp_path / "run", data_path=tiny_npz, device=kind, progress=False)
         assert len(history) == 3 and all(np.isfinite(history))
         back = du.load_model(tmp_path / "run" / "ema.pt", kind)
         assert next(back.parameters()).device.type == kind
-        du.train(cfg, tmp_path / "split", data_path=tiny_npz, device=kind, progress=False, stop_at=2)
-        resumed = du.train(cfg, tmp_path / "split", data_path=tiny_npz, device=kind, progress=False, resume=True)
+        run_training(cfg, tmp_path / "split", data_path=tiny_npz, device=kind, progress=False, stop_at=2)
+        resumed = run_training(cfg, tmp_path / "split", data_path=tiny_npz, device=kind, progress=False, resume=True)
         assert resumed == history  # a run resumed on the GPU ends where an uninterrupted one does
 
 
@@ -138,12 +150,12 @@ def test_the_standin_catches_what_a_gpu_refuses():
 
 def test_bf16_only_where_it_is_native(monkeypatch):
     with StandinDevice("cuda"):  # answers like a T4: capability 7.5, is_bf16_supported() True (emulated)
-        assert torch.cuda.is_bf16_supported() and du.fast_settings("cuda")[0] is None
+        assert torch.cuda.is_bf16_supported() and fast_settings("cuda")[0] is None
     with StandinDevice("cuda", capability=(8, 0)):  # an A100
-        assert du.fast_settings("cuda")[0] is torch.bfloat16
+        assert fast_settings("cuda")[0] is torch.bfloat16
     with StandinDevice("mps"):
-        assert du.fast_settings("mps")[0] is None
-    monkeypatch.setattr(du, "cpu_supports_bf16", lambda: False)
-    assert du.fast_settings("cpu") == (None, torch.contiguous_format)
-    monkeypatch.setattr(du, "cpu_supports_bf16", lambda: True)
-    assert du.fast_settings("cpu")[0] is torch.bfloat16
+        assert fast_settings("mps")[0] is None
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    assert fast_settings("cpu") == (None, torch.contiguous_format)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
+    assert fast_settings("cpu")[0] is torch.bfloat16

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 import diffusion_utilities as du
+from course_tools.hardware import use_fast_settings
+from course_tools.training import TrainConfig, TrainingData
+
+pytestmark = pytest.mark.slow  # torchrun jobs: the full suite runs them, the fast loop does not
 
 ROOT = du.ROOT
 ARGS = ["--steps", "3", "--batch-size", "8", "--n-feat", "8", "--norm", "group", "--warmup", "1",
@@ -27,15 +31,16 @@ def reference_run(data_path, steps, world=2):
     """What 2 processes compute, in one: each part of the global batch drawn with its own generator
     (seed + rank), the loss averaged over the parts, one optimiser step. With GroupNorm every image is
     normalised on its own, so this is the loss of the whole global batch."""
-    config = du.TrainConfig(steps=3, batch_size=8, n_feat=8, norm="group", warmup=1, seed=3)
+    config = TrainConfig(steps=3, batch_size=8, n_feat=8, norm="group", warmup=1, seed=3)
     device = torch.device("cpu")
-    amp_dtype, mem_format = du.fast_settings(device)
-    data = du._TrainingData(data_path, config)
+    data = TrainingData(data_path)
     torch.manual_seed(config.seed)
     model = du.ContextUnet(n_feat=8, n_cfeat=data.n_classes, height=data.height, norm="group",
-                           prediction=config.prediction).to(memory_format=mem_format)
+                           prediction=config.prediction)
+    mem_format = use_fast_settings(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     gens = [torch.Generator().manual_seed(config.seed + r) for r in range(world)]
+    parts = [data.batches(config, config.batch_size // world, gens[r], device, mem_format) for r in range(world)]
     schedule = du.make_schedule(config.timesteps)
     history = []
     model.train()
@@ -45,9 +50,9 @@ def reference_run(data_path, steps, world=2):
         opt.zero_grad()
         losses = []
         for r in range(world):
-            x, c = data.batch(gens[r], device, mem_format, config.batch_size // world)
-            with du.autocast_context(device, amp_dtype):
-                loss = du.diffusion_loss(model, x, c, schedule, config.drop_prob, gens[r], snr_gamma=config.snr_gamma)
+            x, c = next(parts[r])
+            loss = du.diffusion_loss(model, x, c, schedule, drop_prob=config.drop_prob, generator=gens[r],
+                                     snr_gamma=config.snr_gamma)
             (loss / world).backward()
             losses.append(loss.item())
         opt.step()

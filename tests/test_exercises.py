@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from standin_device import StandinDevice
 
 import diffusion_utilities as du
 from course_tools import exercises
-from standin_device import StandinDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

@@ -53,7 +53,7 @@ def test_folder_to_samples_in_three_commands(image_folder, tmp_path, capsys):
         main(["train", "--data", str(data), "--out", str(run), "--steps", "2", "--batch-size", "4", "--n-feat", "8",
               "--warmup", "1", "--device", "cpu"])
     model = du.load_model(run / "ema.pt", "cpu")
-    assert (model.n_cfeat, model.h) == (3, 32)
+    assert (model.n_cfeat, model.height) == (3, 32)
     out = tmp_path / "samples.png"
     main(["sample", "--weights", str(run / "ema.pt"), "--out", str(out), "--per-class", "2", "--steps", "2",
           "--classes", "dogs", "0", "--device", "cpu"])

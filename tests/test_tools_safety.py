@@ -11,6 +11,7 @@ import course_tools.cli as cli
 import course_tools.manifest as cman
 import diffusion_utilities as du
 from course_tools.runs import save_atomic
+from course_tools.training import TrainConfig, run_training
 
 
 def _shipped_state():
@@ -20,8 +21,8 @@ def _shipped_state():
 @pytest.fixture
 def finished_run(tiny_npz, tmp_path):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1)
-    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+    cfg = TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1)
+    run_training(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
     return tmp_path / "run", data
 
 
@@ -48,8 +49,8 @@ def test_export_default_goes_to_outputs(finished_run, tmp_path, monkeypatch):
 
 def test_export_refuses_an_unfinished_run(tiny_npz, tmp_path):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=6, batch_size=4, n_feat=8, warmup=1)
-    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu", stop_at=2)
+    cfg = TrainConfig(steps=6, batch_size=4, n_feat=8, warmup=1)
+    run_training(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu", stop_at=2)
     with pytest.raises(SystemExit, match="stopped at step 2 of 6"):
         cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
@@ -62,15 +63,15 @@ def test_second_training_on_one_folder_fails_at_once(tiny_npz, tmp_path):
     try:
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "LOCK").write_text(str(holder.pid))
-        cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
+        cfg = TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
         with pytest.raises(RuntimeError, match=f"in use by training process {holder.pid}"):
-            du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+            run_training(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
     finally:
         holder.kill()
         holder.wait()
     # once that process is gone, its lock is stale and taken over; the run then releases it
-    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+    run_training(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
     assert (tmp_path / "run" / "ema.pt").exists() and not (tmp_path / "run" / "LOCK").exists()
 
 

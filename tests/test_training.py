@@ -9,6 +9,7 @@ import torch
 import course_tools.cli as cli
 import diffusion_utilities as du
 from course_tools.runs import save_atomic
+from course_tools.training import TrainConfig, plan_steps, run_training
 
 
 def test_loss_is_noise_mse(schedule):
@@ -73,11 +74,11 @@ def test_ema_tracks_weights():
 
 def test_resume_reaches_the_same_state(tiny_npz, tmp_path):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=6, batch_size=8, n_feat=8, warmup=2, checkpoint_every=100, snapshot_steps=[2])
-    whole = du.train(cfg, tmp_path / "whole", data_path=data, progress=False, device="cpu")
-    du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", stop_at=3)
+    cfg = TrainConfig(steps=6, batch_size=8, n_feat=8, warmup=2, checkpoint_every=100, snapshot_steps=[2])
+    whole = run_training(cfg, tmp_path / "whole", data_path=data, progress=False, device="cpu")
+    run_training(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", stop_at=3)
     assert (tmp_path / "split" / "checkpoint.pt").exists() and not (tmp_path / "split" / "ema.pt").exists()
-    split = du.train(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", resume=True)
+    split = run_training(cfg, tmp_path / "split", data_path=data, progress=False, device="cpu", resume=True)
     assert whole == split and len(whole) == 6
     a, args_a, _ = du.read_weights(tmp_path / "whole" / "ema.pt")
     b, args_b, _ = du.read_weights(tmp_path / "split" / "ema.pt")
@@ -91,15 +92,15 @@ def test_resume_reaches_the_same_state(tiny_npz, tmp_path):
 
 def test_resume_refuses_other_config_or_missing_checkpoint(tiny_npz, tmp_path):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
+    cfg = TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu", resume=True)
-    du.train(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
+        run_training(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu", resume=True)
+    run_training(cfg, tmp_path / "r", data_path=data, progress=False, device="cpu")
     with pytest.raises(ValueError, match="other settings: batch_size=4 in the checkpoint, now 5"):
-        du.train(du.TrainConfig(steps=2, batch_size=5, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
+        run_training(TrainConfig(steps=2, batch_size=5, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
                  progress=False, device="cpu", resume=True)
     # a different length is allowed: train longer
-    longer = du.train(du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
+    longer = run_training(TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1), tmp_path / "r", data_path=data,
                       progress=False, device="cpu", resume=True)
     assert len(longer) == 3
 
@@ -134,8 +135,8 @@ def test_cli_train_then_resume(tiny_npz, tmp_path):
 
 
 def test_the_schedule_travels_with_the_model(tiny_npz, tmp_path):
-    cfg = du.TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1, terminal_signal=0.004, snapshot_steps=[1])
-    du.train(cfg, tmp_path / "r", data_path=tiny_npz, progress=False, device="cpu")
+    cfg = TrainConfig(steps=2, batch_size=4, n_feat=8, warmup=1, terminal_signal=0.004, snapshot_steps=[1])
+    run_training(cfg, tmp_path / "r", data_path=tiny_npz, progress=False, device="cpu")
     want = du.make_schedule(500, terminal_signal=0.004)
     for name in ("ema.pt", "snap_000001.pt", "checkpoint.pt"):
         model = du.load_model(tmp_path / "r" / name, "cpu")
@@ -144,19 +145,26 @@ def test_the_schedule_travels_with_the_model(tiny_npz, tmp_path):
         assert torch.equal(du.model_schedule(model).ab_t, want.ab_t)
     assert torch.equal(du.model_schedule(du.ContextUnet(n_feat=8)).ab_t, du.make_schedule(500).ab_t)
     with pytest.raises(ValueError, match="--terminal-signal"):
-        du.TrainConfig(terminal_signal=0.5)
+        TrainConfig(terminal_signal=0.5)
 
 
-def test_plan_steps_fits_the_wait(tiny_npz):
-    cfg = du.TrainConfig(steps=400, n_feat=8, batch_size=8, warmup=5)
-    steps, per_step = du.plan_steps(cfg, 1e6, data_path=tiny_npz, probe_steps=6)
-    assert steps == 400 and 0 < per_step < 5  # everything fits: the recipe's own length
-    steps, _ = du.plan_steps(cfg, 20 * per_step, data_path=tiny_npz, probe_steps=6)
+def plan(seconds, **options):
+    torch.manual_seed(0)
+    model, (images, labels, _) = du.ContextUnet(n_feat=8), du.load_sprites()
+    batches = du.sprite_batches(images, labels, batch_size=8, generator=torch.Generator().manual_seed(0))
+    return plan_steps(seconds, model=model, batches=batches, schedule=du.make_schedule(500), probe_steps=6,
+                      warmup=5, **options)
+
+
+def test_plan_steps_fits_the_wait():
+    steps, per_step = plan(1e6, max_steps=400)
+    assert steps == 400 and 0 < per_step < 5  # everything fits: the run's own length
+    steps, _ = plan(20 * per_step, max_steps=400)
     assert 5 <= steps <= 80  # about 20 steps fit (the machine's pace varies between the two probes)
-    assert du.plan_steps(cfg, 1e-6, min_steps=30, data_path=tiny_npz, probe_steps=6)[0] == 30
+    assert plan(1e-6, max_steps=400, min_steps=30)[0] == 30
 
 
 @pytest.mark.parametrize("seconds", [0, -5, float("nan"), "90"])
 def test_plan_steps_refuses_a_wait_that_is_not_positive(seconds):
     with pytest.raises((ValueError, TypeError), match="seconds must be a positive number"):
-        du.plan_steps(du.TrainConfig(steps=10), seconds)
+        plan(seconds, max_steps=10)

@@ -6,6 +6,8 @@ import torch
 import course_tools.cli as cli
 import course_tools.manifest as cman
 import diffusion_utilities as du
+from course_tools.metrics import load_classifier
+from course_tools.training import TrainConfig, run_training
 
 
 def _tiny_weights(tmp_path):
@@ -28,8 +30,8 @@ def test_device_helper_prefers_cuda_then_mps_then_cpu(monkeypatch):
 
 def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
     data = tiny_npz
-    cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
-    du.train(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
+    cfg = TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
+    run_training(cfg, tmp_path / "run", data_path=data, progress=False, device="cpu")
     wdir = tmp_path / "w"
     cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--name", "tiny"])
     manifest = cman.read_manifest(wdir)
@@ -42,11 +44,11 @@ def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
     ema, _, _ = du.read_weights(tmp_path / "run" / "ema.pt")
     loaded = du.load_pretrained("tiny", "cpu", weights_dir=wdir).state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
-    assert du.load_pretrained("tiny_step000002", "cpu", weights_dir=wdir).h == 16
+    assert du.load_pretrained("tiny_step000002", "cpu", weights_dir=wdir).height == 16
     res = {"n": 10, "floor": {"fid": 0.5}, "guide_steps": 25, "guidance": [], "snapshots": {
         "tiny_step000002": {"fid": 9.0, "kid": 0.1, "accuracy": 0.2}},
         "samplers": [{"sampler": "ddpm", "steps": 500, "eta": 1.0, "fid": 1.0, "kid": 0.01, "accuracy": 0.9}]}
-    cli._record_metrics(res, "tiny", wdir)
+    cli.record_metrics(res, "tiny", wdir)
     manifest = cman.read_manifest(wdir)
     assert manifest["tiny"]["metrics"]["fid_ddpm500"] == 1.0
     assert manifest["tiny_step000002"]["metrics"]["fid_ddim25"] == 9.0
@@ -54,8 +56,8 @@ def test_export_run_then_load_and_record_metrics(tiny_npz, tmp_path):
 
 
 def test_export_averages_parameters_with_snapshots(tiny_npz, tmp_path):
-    cfg = du.TrainConfig(steps=4, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
-    du.train(cfg, tmp_path / "run", data_path=tiny_npz, progress=False, device="cpu")
+    cfg = TrainConfig(steps=4, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[2])
+    run_training(cfg, tmp_path / "run", data_path=tiny_npz, progress=False, device="cpu")
     wdir = tmp_path / "w"
     with pytest.raises(SystemExit, match=r"no snapshot at step\(s\) \[3\] \(it has \[2\]\)"):
         cli.main(["export", "--run", str(tmp_path / "run"), "--weights-dir", str(wdir), "--average-snapshots", "3"])
@@ -67,7 +69,7 @@ def test_export_averages_parameters_with_snapshots(tiny_npz, tmp_path):
     shipped = du.read_weights(wdir / "tiny.pt")[0]
     # the file describes itself: load_model alone rebuilds the same network and schedule as load_pretrained
     alone, listed = du.load_model(wdir / "tiny.pt", "cpu"), du.load_pretrained("tiny", "cpu", weights_dir=wdir)
-    assert du.model_args(alone) == du.model_args(listed) and alone.prediction == "v"
+    assert alone.settings == listed.settings and alone.prediction == "v"
     assert alone.schedule_args == listed.schedule_args and alone.class_names == listed.class_names == du.load_sprites(tiny_npz)[2]
     params = {name for name, _ in du.ContextUnet(n_feat=8).named_parameters()}
     for k, v in final.items():
@@ -80,8 +82,8 @@ def test_export_averages_parameters_with_snapshots(tiny_npz, tmp_path):
 
 
 def test_export_ships_chosen_snapshots_and_keeps_unchanged_ones(tiny_npz, tmp_path):
-    cfg = du.TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[1, 2])
-    du.train(cfg, tmp_path / "run", data_path=tiny_npz, progress=False, device="cpu")
+    cfg = TrainConfig(steps=3, batch_size=4, n_feat=8, warmup=1, snapshot_steps=[1, 2])
+    run_training(cfg, tmp_path / "run", data_path=tiny_npz, progress=False, device="cpu")
     wdir, run = tmp_path / "w", str(tmp_path / "run")
     with pytest.raises(SystemExit, match=r"no snapshot at step\(s\) \[5\] to ship \(it has \[1, 2\]\)"):
         cli.main(["export", "--run", run, "--weights-dir", str(wdir), "--snapshots", "2", "5"])
@@ -148,9 +150,11 @@ def test_shipped_weights_load_on_cpu():
     for entry in manifest.values():  # every file says how it was made
         assert {"file", "sha256", "kind", "command", "seed", "hardware", "metrics"} <= set(entry)
     assert manifest["sprites"]["train_minutes"] > 0 and manifest["sprites"]["metrics"]["n"] >= 1000
-    for name in manifest:
-        model = du.load_pretrained(name, device="cpu")
-        assert not model.training
+    for name, entry in manifest.items():
+        load = load_classifier if entry["kind"] == "classifier" else du.load_pretrained
+        assert not (load(device="cpu") if load is load_classifier else load(name, device="cpu")).training
+    with pytest.raises(ValueError, match="course_tools.metrics.load_classifier"):
+        du.load_pretrained("classifier")
     with torch.no_grad():
         out = du.load_pretrained("sprites", device="cpu")(torch.zeros(2, 3, 16, 16), torch.tensor([0.5, 0.5]))
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
