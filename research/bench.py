@@ -1,7 +1,9 @@
 """Benchmark: training and sampling speed of the course, against the original course's recipe and the CPU's peak.
 
-    python research/bench.py            # full run, a few minutes; writes research/results.json
-    python research/bench.py --quick    # under a minute, fewer repeats (DDPM-500 time extrapolated)
+    python -m research.bench            # full run, a few minutes; writes research/results.json
+    python -m research.bench --quick    # under a minute, fewer repeats (DDPM-500 time extrapolated)
+
+(from the repository root)
 
 What it measures, all in one process on one machine (interleaved, repeated, medians):
   * training throughput (forward + MSE + backward + Adam step, batch 100, 16x16, n_feat 64) of our
@@ -27,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import diffusion_utilities as du
+from course_tools.hardware import describe_device, fast_settings, use_fast_settings
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import diffusion_utilities as du  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
 
 BATCH, N_FEAT, H = 100, 64, 16
 
@@ -92,7 +94,7 @@ class CourseEmbedFC(nn.Module):
 class CourseContextUnet(nn.Module):
     def __init__(self, in_channels=3, n_feat=64, n_cfeat=5, height=16):
         super().__init__()
-        self.in_channels, self.n_feat, self.n_cfeat, self.h = in_channels, n_feat, n_cfeat, height
+        self.in_channels, self.n_feat, self.n_cfeat, self.height = in_channels, n_feat, n_cfeat, height
         self.init_conv = CourseResidualConvBlock(in_channels, n_feat, is_res=True)
         self.down1 = CourseUnetDown(n_feat, n_feat)
         self.down2 = CourseUnetDown(n_feat, 2 * n_feat)
@@ -218,16 +220,17 @@ def memory_child(what):
     torch.manual_seed(0)
     schedule = du.make_schedule(500)
     if what == "train":
-        amp, fmt = du.fast_settings("cpu")
-        model = du.ContextUnet(n_feat=N_FEAT).to(memory_format=fmt)
+        model = du.ContextUnet(n_feat=N_FEAT)
+        fmt = use_fast_settings(model, "cpu")  # bf16 autocast and channels_last where the CPU has native bf16
         opt = torch.optim.Adam(model.parameters(), 1e-3)
         x = torch.randn(BATCH, 3, H, H).contiguous(memory_format=fmt)
         c = du.one_hot(torch.randint(0, 5, (BATCH,)))
         for _ in range(3):
-            du.train_step(model, opt, x, c, schedule, amp_dtype=amp)
+            du.train_step(model, opt, x, c, schedule)
     elif what == "sample":
         model = du.ContextUnet(n_feat=N_FEAT).eval()
-        du.sample_ddim(model, 32, schedule, n_steps=25, amp_dtype=du.fast_settings("cpu")[0])
+        model.autocast_dtype = fast_settings("cpu")[0]
+        du.sample_ddim(model, 32, schedule, n_steps=25)
     print(peak_rss_mb())
 
 
@@ -244,31 +247,32 @@ def peak_rss_mb():
 
 
 def measure_memory(what):
-    out = subprocess.run([sys.executable, __file__, "--memory-child", what], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-m", "research.bench", "--memory-child", what], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats; DDPM-500 extrapolated from 50 steps")
     ap.add_argument("--out", default=str(ROOT / "research" / "results.json"))
     ap.add_argument("--memory-child", choices=["train", "sample", "import"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child)
 
     rounds, steps_per_round = (2, 3) if args.quick else (5, 8)
     torch.manual_seed(0)
     schedule = du.make_schedule(500)
-    amp, fmt = du.fast_settings("cpu")
+    amp, fmt = fast_settings("cpu")
     print(f"machine: {describe_device('cpu')}; torch {torch.__version__}; "
           f"our settings: autocast {amp}, {'channels_last' if fmt == torch.channels_last else 'NCHW'}")
 
     # Training: ours and the course's, interleaved so drifts in machine speed hit both alike.
-    ours = du.ContextUnet(n_feat=N_FEAT).to(memory_format=fmt)
+    ours = du.ContextUnet(n_feat=N_FEAT)
+    use_fast_settings(ours, "cpu")  # autocast `amp` and memory format `fmt`
     ours_opt = torch.optim.Adam(ours.parameters(), 1e-3)
     course = CourseContextUnet(n_feat=N_FEAT)
     course_opt = torch.optim.Adam(course.parameters(), 1e-3)
@@ -276,7 +280,7 @@ def main():
     c = du.one_hot(torch.randint(0, 5, (BATCH,)))
     x_fast = x.contiguous(memory_format=fmt)
     gen = torch.Generator().manual_seed(0)
-    ours_step = lambda: du.train_step(ours, ours_opt, x_fast, c, schedule, generator=gen, amp_dtype=amp)  # noqa: E731
+    ours_step = lambda: du.train_step(ours, ours_opt, x_fast, c, schedule, generator=gen)  # noqa: E731
     course_step = lambda: course_train_step(course, course_opt, x, c, schedule.ab_t, schedule.T)  # noqa: E731
     ours_step(), course_step()  # warm-up
     ours_rates, course_rates = [], []
@@ -295,16 +299,17 @@ def main():
     n = 32
     ours.eval()
     ours_sampler = du.ContextUnet(n_feat=N_FEAT).eval()
+    ours_sampler.autocast_dtype = amp  # sampled under bf16 autocast where the CPU has it (NCHW, as before)
     course.eval()
     reps = 1 if args.quick else 3
-    ddim_ours = statistics.median(time_it(lambda: du.sample_ddim(ours_sampler, n, schedule, n_steps=25, amp_dtype=amp), reps))
+    ddim_ours = statistics.median(time_it(lambda: du.sample_ddim(ours_sampler, n, schedule, n_steps=25), reps))
     ddim_course = statistics.median(time_it(lambda: course_sample(course, n, schedule, n_ddim=25), reps))
     if args.quick:  # time 50 of the 500 steps and scale up
         short = du.make_schedule(50)
-        ddpm_ours = 10 * min(time_it(lambda: du.sample_ddpm(ours_sampler, n, short, amp_dtype=amp), 1))
+        ddpm_ours = 10 * min(time_it(lambda: du.sample_ddpm(ours_sampler, n, short), 1))
         ddpm_course = 10 * min(time_it(lambda: course_sample(course, n, short), 1))
     else:
-        ddpm_ours = min(time_it(lambda: du.sample_ddpm(ours_sampler, n, schedule, amp_dtype=amp), 1))
+        ddpm_ours = min(time_it(lambda: du.sample_ddpm(ours_sampler, n, schedule), 1))
         ddpm_course = min(time_it(lambda: course_sample(course, n, schedule), 1))
 
     res = {

@@ -1,7 +1,7 @@
 """What is left of the gap between deterministic and stochastic sampling on the shipped model, and why
 guidance at w >= 2 costs more sprite-FID than it did on the 101-minute model.
 
-    python research/deterministic_gap.py            # about 6 minutes on 2 CPU cores; writes deterministic_gap.json
+    python -m research.deterministic_gap            # about 6 minutes on 2 CPU cores; writes deterministic_gap.json
 
 Three checks, each at n = 1000 on the same real sets and class mix as `evaluate` (seed 0, bf16 autocast
 where the CPU has it):
@@ -23,11 +23,18 @@ from pathlib import Path
 
 import torch
 
+import diffusion_utilities as du
+from course_tools.hardware import computing_in, describe_device, fast_settings
+from course_tools.metrics import (
+    classifier_outputs,
+    frechet_distance,
+    generate,
+    guided_scores,
+    load_classifier,
+    real_sets,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import diffusion_utilities as du  # noqa: E402
-from course_tools.metrics import _real_sets, classifier_outputs, frechet_distance, generate, guided_scores  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,10 +44,11 @@ def ddim(model, schedule, steps, labels, seed, amp_dtype):
     labels = torch.as_tensor(labels).long()
     for i in range(0, len(labels), 250):
         c = du.one_hot(labels[i:i + 250], model.n_cfeat)
-        x = torch.randn((len(c), model.in_channels, model.h, model.h), generator=gen)
-        for t, t_prev in zip(steps[:-1], steps[1:]):
-            eps = du.predict_noise(model, x, t, schedule, c, amp_dtype=amp_dtype)
-            x = du.denoise_ddim(x, t, t_prev, eps, schedule, eta=0.0)
+        x = torch.randn((len(c), model.in_channels, model.height, model.height), generator=gen)
+        with computing_in(model, amp_dtype):
+            for t, t_prev in zip(steps[:-1], steps[1:]):
+                eps = du.predict_noise(model, x, t, schedule, c)
+                x = du.denoise_ddim(x, t, t_prev, eps, schedule, eta=0.0)
         out.append(x)
     return torch.cat(out)
 
@@ -55,7 +63,7 @@ def recalibrated(model, schedule, images, labels, *, n_batches=200, batch=128, s
             mod.reset_running_stats()
             mod.momentum = None  # a plain average over every batch
     m.train()
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    x_all = du.to_tensor_images(images)  # float (N, 3, H, W) in [-1, 1]
     c_all = du.one_hot(torch.from_numpy(labels), m.n_cfeat)
     g = torch.Generator().manual_seed(seed)
     for _ in range(n_batches):
@@ -64,7 +72,7 @@ def recalibrated(model, schedule, images, labels, *, n_batches=200, batch=128, s
         t = torch.randint(1, schedule.T + 1, (batch,), generator=g)
         x_t = du.perturb_input(x, t, torch.randn(x.shape, generator=g), schedule)
         keep = (torch.rand(batch, generator=g) >= 0.1).float()[:, None]
-        with du.autocast_context("cpu", amp_dtype):
+        with computing_in(m, amp_dtype):
             m(x_t, t.float() / schedule.T, c_all[idx] * keep)
     return m.eval()
 
@@ -76,16 +84,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     images, labels, names = du.load_sprites()
-    classifier = du.load_pretrained("classifier", "cpu")
-    real_ref, _, mix = _real_sets(classifier, images, labels, args.n, 0)
+    classifier = load_classifier("cpu")
+    real_ref, _, mix = real_sets(classifier, images, labels, args.n, 0)
     model = du.load_pretrained("sprites", "cpu")
     schedule = du.model_schedule(model)
-    amp = du.fast_settings("cpu")[0]
+    amp = fast_settings("cpu")[0]
 
     def fid(x):
         return float(frechet_distance(classifier_outputs(classifier, x)[0], real_ref))
 
-    res = {"command": "python research/deterministic_gap.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": "python -m research.deterministic_gap " + " ".join(sys.argv[1:] if argv is None else argv),
            "n": args.n, "model": "sprites (shipped)", "hardware": describe_device("cpu"), "spacing": [],
            "batchnorm": [], "guidance_interval": []}
     T = schedule.T

@@ -2,12 +2,12 @@
 
     python diffusion_utilities.py train --out runs/ship30 --steps 5600 --terminal-signal 0.004 \
         --snapshots 250 1000 4000 --seed 0 --threads 2       # 25-45 min, pace varies
-    python research/ema_length.py --run runs/ship30          # about 10 minutes on 2 CPU cores
+    python -m research.ema_length --run runs/ship30          # about 10 minutes on 2 CPU cores
 
     python diffusion_utilities.py train --out runs/ship30d --steps 5600 --terminal-signal 0.004 --seed 0 \
         --threads 2 --snapshots 250 1000 2000 2400 2800 3200 3600 4000 4400 4800 5200   # the same run, more
                                                                                  # snapshots: the shipped model's
-    python research/ema_length.py --run runs/ship30d --seeds 0 --no-batchnorm-variant --out F.json \
+    python -m research.ema_length --run runs/ship30d --seeds 0 --no-batchnorm-variant --out F.json \
         --steps 4000 --steps 4400 4800 5200 --steps 4000 4400 4800 5200   # longer means (ema_length_dense.json)
 
 EMA's decay ramps as min(decay, (1 + n) / (ema_warmup + n)); with ema_warmup 10 the ramp, not the decay,
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
+import diffusion_utilities as du
+from course_tools.cli import average_with_snapshots
+from course_tools.hardware import describe_device, fast_settings
+from course_tools.metrics import classifier_outputs, frechet_distance, generate, load_classifier, real_sets
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import diffusion_utilities as du  # noqa: E402
-from course_tools.cli import _average_with_snapshots  # noqa: E402
-from course_tools.metrics import _real_sets, classifier_outputs, frechet_distance, generate  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
 
 
 def variants(run, groups, *, batchnorm=True):
@@ -50,10 +50,10 @@ def variants(run, groups, *, batchnorm=True):
     floats = {k for k, v in state.items() if v.is_floating_point()}  # the parameters and BatchNorm statistics
     todo = [("final EMA", state)]
     for i, steps in enumerate(groups):
-        todo.append((f"mean with snapshot(s) {steps}", _average_with_snapshots(state, run, steps, keys=params)))
+        todo.append((f"mean with snapshot(s) {steps}", average_with_snapshots(state, run, steps, keys=params)))
         if i == 0 and batchnorm:
             todo.append((f"mean with snapshot(s) {steps}, BatchNorm statistics averaged too",
-                         _average_with_snapshots(state, run, steps, keys=floats)))
+                         average_with_snapshots(state, run, steps, keys=floats)))
     for name, weights in todo:
         model = copy.deepcopy(final)
         model.load_state_dict(weights)
@@ -86,10 +86,10 @@ def main(argv=None):
     cfg = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["config"]
     n_end = cfg["steps"]
     images, labels, _ = du.load_sprites()
-    classifier = du.load_pretrained("classifier", "cpu")
-    amp = du.fast_settings("cpu")[0]
-    sets = {seed: _real_sets(classifier, images, labels, args.n, seed) for seed in args.seeds}
-    res = {"command": "python research/ema_length.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    classifier = load_classifier("cpu")
+    amp = fast_settings("cpu")[0]
+    sets = {seed: real_sets(classifier, images, labels, args.n, seed) for seed in args.seeds}
+    res = {"command": "python -m research.ema_length " + " ".join(sys.argv[1:] if argv is None else argv),
            "n": args.n, "run_steps": n_end, "hardware": describe_device("cpu"),
            "ema_decay_at_end": round(min(cfg["ema_decay"], (1 + n_end) / (cfg["ema_warmup"] + n_end)), 5),
            "rows": []}

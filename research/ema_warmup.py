@@ -1,6 +1,6 @@
 """Does a longer EMA during training do what averaging two EMA copies afterwards did?
 
-    python research/ema_warmup.py --out runs/ema_warmup      # the shipped run's settings: 25-45 min + 6 min
+    python -m research.ema_warmup --out runs/ema_warmup      # the shipped run's settings: 25-45 min + 6 min
 
 `EMA` ramps its decay as min(decay, (1 + n) / (ema_warmup + n)): until the ramp reaches the decay (0.999 after
 about 1,000 x (ema_warmup - 1) steps) it sets how long the average is, about the last 1 / (ema_warmup - 1) of the
@@ -8,7 +8,7 @@ steps so far; after that the decay does (about the last 1,000 steps). This train
 run once (`train --steps 5600 --terminal-signal 0.004 --seed 0`, `--ema-warmup` of the main EMA = the first of
 --warmups) and keeps further EMA copies with the other --warmups beside it; they read the same weights at every
 step and never touch training, so all of them see one trajectory (the warm-up-10 copy is the shipped recipe's
-final EMA). Each is scored like research/ema_length.py: sprite-FID, n = 1000, DDIM-25 eta 0 and DDIM-50 eta 1,
+final EMA). Each is scored like research.ema_length: sprite-FID, n = 1000, DDIM-25 eta 0 and DDIM-50 eta 1,
 on `evaluate`'s real sets and seed. Run it alone: other torch work slows training several-fold.
 """
 from __future__ import annotations
@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
+import diffusion_utilities as du
+from course_tools.cli import main as cli_main
+from course_tools.hardware import describe_device, fast_settings
+from course_tools.metrics import load_classifier, real_sets
+from course_tools.runs import weights_file
+from research.ema_length import fid_row
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5600  # the shipped run's length (weights/manifest.json)
-sys.path.insert(0, str(ROOT))
-import diffusion_utilities as du  # noqa: E402
-from research.ema_length import fid_row  # noqa: E402
-from course_tools.cli import main as cli_main  # noqa: E402
-from course_tools.metrics import _real_sets  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
 
 
 def train_with_extra_emas(out, warmups):
@@ -46,7 +47,7 @@ def train_with_extra_emas(out, warmups):
             for other in self.others.values():
                 other.update(model)
 
-    du.EMA = ManyEMA
+    du.EMA = ManyEMA  # course_tools.training.run_training makes its EMA as du.EMA(...)
     try:
         cli_main(["train", "--out", str(out), "--steps", str(STEPS), "--terminal-signal", "0.004", "--seed", "0",
                   "--threads", "2", "--ema-warmup", str(warmups[0])])
@@ -55,7 +56,7 @@ def train_with_extra_emas(out, warmups):
     final = torch.load(out / "ema.pt", weights_only=True)
     torch.save(final, out / f"ema_warmup{warmups[0]}.pt")
     for w, ema in made[-1].others.items():
-        torch.save({**final, **du.weights_file(ema.model)}, out / f"ema_warmup{w}.pt")
+        torch.save({**final, **weights_file(ema.model)}, out / f"ema_warmup{w}.pt")
 
 
 def main(argv=None):
@@ -70,10 +71,10 @@ def main(argv=None):
         train_with_extra_emas(out, args.warmups)
     torch.set_num_threads(2)
     images, labels, _ = du.load_sprites()
-    classifier = du.load_pretrained("classifier", "cpu")
-    ref, _, mix = _real_sets(classifier, images, labels, args.n, 0)
-    amp = du.fast_settings("cpu")[0]
-    res = {"command": "python research/ema_warmup.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    classifier = load_classifier("cpu")
+    ref, _, mix = real_sets(classifier, images, labels, args.n, 0)
+    amp = fast_settings("cpu")[0]
+    res = {"command": "python -m research.ema_warmup " + " ".join(sys.argv[1:] if argv is None else argv),
            "n": args.n, "hardware": describe_device("cpu"),
            "train_minutes": round(json.loads((out / "history.json").read_text())["train_seconds"] / 60, 1),
            "rows": []}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Replays "what MINUTES of 2-core CPU training would give" on a CUDA GPU, several recipes at once: each
 # recipe trains exactly the number of steps the CPU reaches in that budget (its samples/s measured by
-# training_recipes.py on the CPU), so the scores predict a CPU run's in seconds instead of half an hour.
-# The rows' train_seconds are the GPU's own time for the same run.
+# research.training_recipes on the CPU), so the scores predict a CPU run's in seconds instead of half an hour.
+# The rows' train_seconds are the GPU's own time for the same run. Run it from the repository root:
 #
 #   MINUTES=30 OUT=outputs/gpu bash research/gpu_replay.sh "base" "v-prediction" ...
 set -u
@@ -14,7 +14,7 @@ mkdir -p "$out/parts"
 nvidia-smi -L || true
 i=0
 for name in "$@"; do
-  OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 "$py" research/training_recipes.py --device cuda --minutes "$minutes" \
+  OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 "$py" -m research.training_recipes --device cuda --minutes "$minutes" \
     --cpu-rates "$rates" --only "$name" --out "$out/parts/$i.json" >"$out/parts/$i.log" 2>&1 &
   i=$((i + 1))
 done

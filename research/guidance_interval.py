@@ -2,10 +2,10 @@
 interval", Kynkaenniemi et al. 2024), scored on a grid of guidance weights w and ends LOW (default 0), HIGH;
 and guidance rescale (Lin et al. 2024, du.rescale_guidance) on a grid of PHI.
 
-    python research/guidance_interval.py                  # the shipped model; about 8 minutes on 2 CPU cores
-    python research/guidance_interval.py --weights F.pt   # a candidate before it ships
-    python research/guidance_interval.py --ws 2 4 --lows 100 --highs 400 --out research/guidance_interval_low.json
-    python research/guidance_interval.py --ws 2 4 --highs 500 --rescales 0.5 0.7 1 --out research/guidance_rescale.json
+    python -m research.guidance_interval                  # the shipped model; about 8 minutes on 2 CPU cores
+    python -m research.guidance_interval --weights F.pt   # a candidate before it ships
+    python -m research.guidance_interval --ws 2 4 --lows 100 --highs 400 --out research/guidance_interval_low.json
+    python -m research.guidance_interval --ws 2 4 --highs 500 --rescales 0.5 0.7 1 --out research/guidance_rescale.json
 
 Each row is DDIM-25 (eta 0) as in `evaluate`'s guidance table, on its real sets and seeds: sprite-FID of
 n samples made for the real data's class mix (seed 0) against n real sprites, and the classifier's
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+import diffusion_utilities as du
+from course_tools.hardware import describe_device, fast_settings
+from course_tools.metrics import guided_scores, load_classifier, real_sets
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import diffusion_utilities as du  # noqa: E402
-from course_tools.metrics import _real_sets, guided_scores  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
 
 
 def guided_row(model, classifier, ref, mix, class_names, guide_w, interval, *, per_class, amp_dtype, rescale=0.0,
@@ -60,10 +60,10 @@ def main(argv=None):
     if not all(0 <= phi <= 1 for phi in args.rescales):
         raise SystemExit(f"--rescales need numbers in [0, 1], got {args.rescales}")
     images, labels, class_names = du.load_sprites()
-    classifier = du.load_pretrained("classifier", "cpu")
-    amp = du.fast_settings("cpu")[0]
-    ref, _, mix = _real_sets(classifier, images, labels, args.n, args.seed)
-    res = {"command": "python research/guidance_interval.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    classifier = load_classifier("cpu")
+    amp = fast_settings("cpu")[0]
+    ref, _, mix = real_sets(classifier, images, labels, args.n, args.seed)
+    res = {"command": "python -m research.guidance_interval " + " ".join(sys.argv[1:] if argv is None else argv),
            "n": args.n, "per_class": args.per_class, "seed": args.seed, "model": args.weights or args.model,
            "hardware": describe_device("cpu"), "rows": []}
     for w in args.ws:

@@ -8,7 +8,7 @@ sqrt(ab_T) = 0.004 (make_schedule's terminal_signal; ab_0 = 1 kept), and compare
 DDIM-25 eta 0 with DDIM-25 eta 1 and the share of pure-white pixels (the sprites' background).
 Run it alone: it trains for ~2 x 7 min on 2 cores.
 
-    python research/terminal_snr.py --steps 1000 --out research/terminal_snr.json
+    python -m research.terminal_snr --steps 1000 --out research/terminal_snr.json
 """
 import argparse
 import json
@@ -20,26 +20,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import diffusion_utilities as du  # noqa: E402
-from course_tools.metrics import classifier_outputs, frechet_distance  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
+import diffusion_utilities as du
+from course_tools.hardware import describe_device, fast_settings
+from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier
+from course_tools.training import TrainConfig, run_training
 
 
 def white_share(x):
     return float((x.clamp(-1, 1) > 0.95).all(1).float().mean())
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="research/terminal_snr.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     images, labels, _ = du.load_sprites()
-    clf = du.load_pretrained("classifier", "cpu")
+    clf = load_classifier("cpu")
     perm = np.random.default_rng(0).permutation(len(labels))
     ref, _ = classifier_outputs(clf, du.to_tensor_images(images[perm[:args.n]]))
     gen_labels = torch.as_tensor(labels[perm[args.n:2 * args.n]])
@@ -47,15 +47,16 @@ def main():
     for name, terminal in [("course linear, sqrt(ab_T) = 0.079", None), ("rescaled, sqrt(ab_T) = 0.004", 0.004)]:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
-            du.train(du.TrainConfig(steps=args.steps, terminal_signal=terminal), tmp, device="cpu", progress=False)
+            run_training(TrainConfig(steps=args.steps, terminal_signal=terminal), tmp, device="cpu", progress=False)
             minutes = (time.time() - t0) / 60
             model = du.load_model(Path(tmp) / "ema.pt", "cpu")
+        model.autocast_dtype = fast_settings("cpu")[0]  # sample under bf16 autocast where the CPU has it
         schedule = du.make_schedule(500, terminal_signal=terminal)
         row = {"schedule": name, "sqrt_ab_T": float(schedule.ab_t[-1].sqrt()), "steps": args.steps,
                "train_minutes": round(minutes, 1)}
         for eta in (0.0, 1.0):
             x, _ = du.sample_ddim(model, args.n, schedule, n_steps=25, eta=eta, context=gen_labels,
-                                  generator=torch.Generator().manual_seed(0), amp_dtype=du.fast_settings("cpu")[0])
+                                  generator=torch.Generator().manual_seed(0))
             f, pred = classifier_outputs(clf, x)
             row[f"eta{eta:g}"] = {"fid": frechet_distance(f, ref), "accuracy": float((pred == gen_labels.numpy()).mean()),
                                   "white_share": white_share(x)}
@@ -63,7 +64,8 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     real_white = white_share(du.to_tensor_images(images[perm[:args.n]]))
-    result = {"command": "python research/terminal_snr.py " + " ".join(sys.argv[1:]), "n": args.n,
+    result = {"command": "python -m research.terminal_snr " + " ".join(sys.argv[1:] if argv is None else argv),
+              "n": args.n,
               "hardware": describe_device("cpu"), "real_white_share": real_white, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"real white share {real_white:.3f}; wrote {args.out}")

@@ -1,14 +1,15 @@
 """How good is a model after N minutes of training? Scores snapshots of one run against the clock.
 
-    python research/time_to_quality.py --label "new recipe" --run runs/ship
-    python research/time_to_quality.py --label "old recipe" --manifest sprites_step000250 sprites_step001000 \\
+    python -m research.time_to_quality --label "new recipe" --run runs/ship
+    python -m research.time_to_quality --label "old recipe" --manifest sprites_step000250 sprites_step001000 \\
         sprites_step004000 sprites --pace 0.4333
-    python research/time_to_quality.py --plot          # redraw research/time_to_quality.png from the JSON
+    python -m research.time_to_quality --plot          # redraw research/time_to_quality.png from the JSON
 
-Each snapshot is scored as in training_recipes.py (guided accuracy at w = 2 and sprite-FID at w = 0, both
-DDIM-25, eta 0). A run made by `du.train` records the training seconds at which each snapshot was saved;
-for the weights of an older run (--manifest) the minutes are estimated as step x --pace (that run's mean
-minutes per step). Results are merged into research/time_to_quality.json under --label.
+Each snapshot is scored as in research.training_recipes (guided accuracy at w = 2 and sprite-FID at w = 0, both
+DDIM-25, eta 0). A run made by `python diffusion_utilities.py train` (course_tools.training.run_training)
+records the training seconds at which each snapshot was saved; for the weights of an older run (--manifest)
+the minutes are estimated as step x --pace (that run's mean minutes per step). Results are merged into
+research/time_to_quality.json under --label.
 """
 from __future__ import annotations
 
@@ -20,20 +21,18 @@ from pathlib import Path
 
 import torch
 
+import course_tools.manifest as cman
+import diffusion_utilities as du
+from course_tools.hardware import describe_device, fast_settings
+from course_tools.metrics import load_classifier
+from research.training_recipes import real_features, score
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "research"))
-from training_recipes import real_features, score  # noqa: E402
-
-import course_tools.manifest as cman  # noqa: E402
-import diffusion_utilities as du  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
-
 OUT = ROOT / "research" / "time_to_quality.json"
 
 
 def points_from_run(run):
-    """(minutes, step, path, model args) of every snapshot of a du.train run, and of its final EMA weights."""
+    """(minutes, step, path, model args) of every snapshot of a training run's folder, and of its final EMA weights."""
     run = Path(run)
     points = []
     for snap in sorted(run.glob("snap_*.pt")):
@@ -80,7 +79,7 @@ def plot(results, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label")
-    ap.add_argument("--run", help="a du.train output folder with snap_*.pt")
+    ap.add_argument("--run", help="a `diffusion_utilities.py train` output folder with snap_*.pt")
     ap.add_argument("--manifest", nargs="*", default=None, help="weights names in weights/manifest.json")
     ap.add_argument("--pace", type=float, default=None, help="minutes per step, for --manifest")
     ap.add_argument("--hardware", default=None, help="where the scored run trained (default: this machine)")
@@ -93,22 +92,22 @@ def main(argv=None):
         if args.manifest is not None and args.pace is None:
             raise SystemExit("--manifest needs --pace (the run's minutes per step)")
         device = du.get_device()
-        classifier = du.load_pretrained("classifier", device)
+        classifier = load_classifier(device)
         real = real_features(classifier, device)
         points = points_from_run(args.run) if args.run else points_from_manifest(args.manifest, args.pace)
         rows = []
         for minutes, step, path, model_args in points:
             model = du.load_model(path, device, **model_args)
             row = {"minutes": round(minutes, 2), "step": step, **score(model, classifier, real["ref"], real["mix"],
-                                                                        amp_dtype=du.fast_settings(device)[0])}
+                                                                        amp_dtype=fast_settings(device)[0])}
             rows.append(row)
             print(f"{args.label}: {minutes:6.1f} min, step {step:6d}: guided {row['guided_accuracy']:.0%}, "
                   f"FID {row['fid']:.2f}", flush=True)
         results["runs"][args.label] = rows
         results["fid_floor"] = real["floor"]
         results["hardware"] = args.hardware or describe_device(device)
-        results.setdefault("commands", {})[args.label] = shlex.join(["python", "research/time_to_quality.py",
-                                                                     *sys.argv[1:]])
+        results.setdefault("commands", {})[args.label] = shlex.join(["python", "-m", "research.time_to_quality",
+                                                                     *(sys.argv[1:] if argv is None else argv)])
         OUT.write_text(json.dumps(results, indent=1))
     print(f"wrote {plot(results, OUT.with_suffix('.png'))}")
 

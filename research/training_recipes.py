@@ -1,13 +1,14 @@
 """Which training recipe reaches good sprites fastest? Every candidate gets the same wall-clock budget.
 
-    python research/training_recipes.py --minutes 1.5            # the study (about 40 min on 2 cores)
-    python research/training_recipes.py --minutes 1.5 --only base v-pred
-    python research/training_recipes.py --list
-    python research/training_recipes.py --steps 600 --only base v-prediction --out OTHER.json  # same steps for all
+    python -m research.training_recipes --minutes 1.5            # the study (about 40 min on 2 cores)
+    python -m research.training_recipes --minutes 1.5 --only base v-pred
+    python -m research.training_recipes --list
+    python -m research.training_recipes --steps 600 --only base v-prediction --out OTHER.json  # same steps for all
 
 Each candidate is the base recipe with one change (or, in the "combined" rows, the winners together).
 A candidate first times 20 training steps, plans the number of steps that fits the budget (so its
-learning-rate schedule runs to the end), trains them with `du.train`, and is then scored:
+learning-rate schedule runs to the end), trains them with course_tools.training.run_training (the trainer
+of `python diffusion_utilities.py train`), and is then scored:
 
 - guided accuracy: DDIM-25, eta 0, guidance w = 2, 40 samples per class, judged by the project's
   SpriteClassifier (weights/classifier.pt): the share recognised as the class asked for, per class;
@@ -32,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import course_tools.metrics as cm
+import diffusion_utilities as du
+from course_tools.hardware import describe_device, fast_settings
+from course_tools.training import TrainConfig, run_training
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import course_tools.metrics as cm  # noqa: E402
-import diffusion_utilities as du  # noqa: E402
-from course_tools.runs import describe_device  # noqa: E402
 
 # The base of the single-change study: the best short recipe of shared/reference/training.md.
 # Every loss setting is pinned here: TrainConfig's defaults are the study's outcome, not its starting point.
@@ -100,15 +102,15 @@ SHIP = {
 def config_for(overrides, steps):
     settings = {**BASE, **overrides}
     settings["warmup"] = min(settings["warmup"], max(1, steps // 5))
-    return du.TrainConfig(steps=steps, checkpoint_every=10**9, **settings)
+    return TrainConfig(steps=steps, checkpoint_every=10**9, **settings)
 
 
 def time_steps(overrides, device, n=20):
     """Seconds per training step of this recipe, timed over n steps after 5 warm-up steps."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = []
-        du.train(config_for(overrides, n + 5), tmp, device=device, progress=False,
-                 callback=lambda step, loss: t0.append(time.perf_counter()) if step in (5, n + 5) else None)
+        run_training(config_for(overrides, n + 5), tmp, device=device, progress=False,
+                     callback=lambda step, loss: t0.append(time.perf_counter()) if step in (5, n + 5) else None)
     return (t0[1] - t0[0]) / n
 
 
@@ -136,10 +138,10 @@ def run(name, overrides, seconds, device, classifier, real, steps=None):
     cfg = config_for(overrides, steps)
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.time()
-        history = du.train(cfg, run_dir, device=device, progress=False)
+        history = run_training(cfg, run_dir, device=device, progress=False)
         train_s = time.time() - t0
         model = du.load_model(Path(run_dir) / "ema.pt", device)
-    amp_dtype = du.fast_settings(device)[0]
+    amp_dtype = fast_settings(device)[0]
     return {"name": name, "changes": overrides, "config": cfg.__dict__, "steps": steps,
             "seconds_per_step_timed": sec_per_step, "train_seconds": train_s,
             "samples_per_second": steps * cfg.batch_size / train_s,
@@ -194,7 +196,7 @@ def main(argv=None):
     out = Path(args.out)
     if out.suffix != ".json":
         raise SystemExit(f"--out must be a .json file, got {out}")
-    device = torch.device(args.device) if args.device else du.get_device()
+    device = du.get_device(args.device)
     if args.rates_only:
         rates = {name: {**BASE, **every[name]}["batch_size"] / time_steps(every[name], device, n=40) for name in names}
         out.write_text(json.dumps({"hardware": describe_device(device), "samples_per_second": rates}, indent=1))
@@ -206,11 +208,11 @@ def main(argv=None):
             saved = json.loads(Path(path).read_text())
             rates.update(saved.get("samples_per_second", {}))
             rates.update({r["name"]: r["samples_per_second"] for r in saved.get("rows", [])})
-    classifier = du.load_pretrained("classifier", device)
+    classifier = cm.load_classifier(device)
     real = real_features(classifier, device)
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows = [r for r in previous.get("rows", []) if r["name"] not in names]
-    command = shlex.join(["python", "research/training_recipes.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "research.training_recipes", *(sys.argv[1:] if argv is None else argv)])
     for name in names:
         steps = args.steps
         if args.cpu_rates:
