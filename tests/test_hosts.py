@@ -76,6 +76,7 @@ def run_setup(repo_url, branch="main"):
     exec(compile(src, "setup cell", "exec"), {"__name__": "__main__"})
 
 
+@pytest.mark.slow  # runs git in subprocesses
 def test_setup_cell_survives_a_restart_and_installs_nothing_colab_has(course_repo, colab_runtime, monkeypatch):
     content, calls = colab_runtime
     run_setup(f"file://{course_repo}")
@@ -92,6 +93,7 @@ def test_setup_cell_survives_a_restart_and_installs_nothing_colab_has(course_rep
     assert not [c for c in calls if "pip" in c], "everything is installed here, so pip must not run"
 
 
+@pytest.mark.slow  # runs git in subprocesses
 def test_setup_cell_installs_only_what_is_missing(course_repo, colab_runtime, monkeypatch):
     content, calls = colab_runtime
     real_version = importlib.metadata.version
@@ -107,11 +109,13 @@ def test_setup_cell_installs_only_what_is_missing(course_repo, colab_runtime, mo
     assert len(pip) == 1 and pip[0][-1] == "tqdm>=4.65" and pip[0][-2] == "install", pip
 
 
+@pytest.mark.slow  # runs git in subprocesses
 def test_setup_cell_shows_gits_own_error(tmp_path, colab_runtime):
     with pytest.raises(RuntimeError, match=r"git clone .* failed:(.|\n)*(does not exist|not appear to be a git)"):
         run_setup(f"file://{tmp_path / 'nowhere'}")
 
 
+@pytest.mark.slow  # runs git in subprocesses
 def test_setup_cell_explains_a_leftover_folder(course_repo, colab_runtime):
     content, _ = colab_runtime
     (content / course_repo.name / "half").mkdir(parents=True)  # an interrupted clone

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # runs ruff in a subprocess
 def test_ruff_is_clean():
     # The configuration is in pyproject.toml; the module, the tools, tests, research and notebooks are all checked.
     if shutil.which("ruff") is None and subprocess.run([sys.executable, "-m", "ruff", "--version"],

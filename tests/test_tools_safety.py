@@ -56,6 +56,7 @@ def test_export_refuses_an_unfinished_run(tiny_npz, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow  # starts a second process
 def test_second_training_on_one_folder_fails_at_once(tiny_npz, tmp_path):
     data = tiny_npz
     # another live process holds the folder
