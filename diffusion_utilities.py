@@ -1,15 +1,15 @@
 """diffusion_utilities.py: the course's code, in the order the notebooks teach it.
 
-    Data        the sprites, contexts             load_sprites, to_tensor_images, one_hot
-    Devices     where the network runs            get_device, fast_settings (bf16 on CPUs that have it)
+    Data        the sprites, contexts, devices    load_sprites, to_tensor_images, one_hot, get_device
     Notebook 1  Noise schedule, forward process   make_schedule, perturb_input, predict_x0
     Notebook 2  Model                             ContextUnet (eps- or v-prediction)
-    Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA, train
-    Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
+    Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA,
+                                                  sprite_batches, train (the loop)
+    Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm, model_schedule
     Notebook 5  Context and guidance              predict_noise (classifier-free guidance), rescale_guidance
     Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
-    Appendix    pictures, weights                 show_images, plot_sample, load_pretrained, model_schedule
+    Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
 0..T, where x_0 is a clean image and x_T is (almost) pure noise; the network is given t / T.
@@ -19,8 +19,9 @@ for "no context". Nothing here reads notebook globals: every function takes what
 The names follow DeepLearning.AI's "How Diffusion Models Work" (perturb_input, denoise_add_noise,
 denoise_ddim, ContextUnet, sample_ddpm, sample_ddim), with that course's bugs fixed: the forward
 process has its square root, the residual shortcut is a trained layer, DDIM works for any step count.
-Tooling that no lesson reads (metrics, the weights manifest, checkpoints and locks, the command line) lives in course_tools/;
-`python diffusion_utilities.py train|sample|export|evaluate --help` still works.
+This file is only the lesson: the machinery around it (the trainer with checkpoints, resume and torchrun,
+bf16, metrics, the manifest's writer, the command line) lives in course_tools/, which imports this
+module and never the reverse. `python diffusion_utilities.py train|sample|export|evaluate --help` works.
 """
 from __future__ import annotations
 

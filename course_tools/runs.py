@@ -35,7 +35,7 @@ def save_atomic(obj, path):
     return write_atomic(path, buffer.getvalue())
 
 
-def weights_file(model, half=False):
+def weights_payload(model, half=False):
     """What ema.pt and snapshots hold: {"model_args": model.settings, "state_dict": ...}; half=True stores
     floats as fp16 (half the file size, the same samples)."""
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
@@ -203,11 +203,11 @@ class RunState:
                      "model_args": dict(getattr(model, "module", model).settings), "class_names": self.data.class_names,
                      "schedule": self.config.schedule_args()},
                     self.ckpt_path)
-        (self.out_dir / "history.json").write_text(json.dumps({"loss": self.history, "train_seconds": seconds,
-                                                               "device": describe_device(self.device)}))
+        write_atomic(self.out_dir / "history.json", json.dumps({"loss": self.history, "train_seconds": seconds,
+                                                                "device": describe_device(self.device)}))
         self.saved_step = self.step
 
     def save_snapshot(self, ema_model):
-        save_atomic({**weights_file(ema_model, half=True), "step": self.step, "class_names": self.data.class_names,
+        save_atomic({**weights_payload(ema_model, half=True), "step": self.step, "class_names": self.data.class_names,
                      "schedule": self.config.schedule_args(),
                      "train_seconds": time.time() - self.t_start}, self.out_dir / f"snap_{self.step:06d}.pt")

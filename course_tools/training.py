@@ -33,7 +33,7 @@ from course_tools.runs import (
     end_distributed,
     save_atomic,
     wait_for_all,
-    weights_file,
+    weights_payload,
 )
 
 
@@ -248,7 +248,7 @@ def _run(config, out_dir, data_path, resume, minutes, device, progress, callback
              start=run.step, callback=after_step, progress=progress and rank == 0, drop_prob=config.drop_prob,
              snr_gamma=config.snr_gamma, t_probs=t_probs, generator=gen)
     if run.step >= config.steps and rank == 0:
-        save_atomic({**weights_file(ema.model), "class_names": data.class_names, "schedule": config.schedule_args()},
+        save_atomic({**weights_payload(ema.model), "class_names": data.class_names, "schedule": config.schedule_args()},
                     out_dir / "ema.pt")
     wait_for_all(world)  # under torchrun, every process leaves once rank 0's files are written
     return run.history

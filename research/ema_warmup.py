@@ -24,7 +24,7 @@ import diffusion_utilities as du
 from course_tools.cli import main as cli_main
 from course_tools.hardware import describe_device, fast_settings
 from course_tools.metrics import load_classifier, real_sets
-from course_tools.runs import weights_file
+from course_tools.runs import weights_payload
 from research.ema_length import fid_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def train_with_extra_emas(out, warmups):
     final = torch.load(out / "ema.pt", weights_only=True)
     torch.save(final, out / f"ema_warmup{warmups[0]}.pt")
     for w, ema in made[-1].others.items():
-        torch.save({**final, **weights_file(ema.model)}, out / f"ema_warmup{w}.pt")
+        torch.save({**final, **weights_payload(ema.model)}, out / f"ema_warmup{w}.pt")
 
 
 def main(argv=None):

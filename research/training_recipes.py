@@ -162,12 +162,10 @@ def markdown(rows, floor, budget_min):
 
 
 def real_features(classifier, device, n=500, seed=0):
+    """The real sprites every recipe is scored against (course_tools.metrics.real_sets) and the floor."""
     images, labels, _ = du.load_sprites()
-    perm = np.random.default_rng(seed).permutation(len(labels))
-    ref, other = perm[:n], perm[n:2 * n]
-    f_ref, _ = cm.classifier_outputs(classifier, du.to_tensor_images(images[ref]))
-    f_other, _ = cm.classifier_outputs(classifier, du.to_tensor_images(images[other]))
-    return {"ref": f_ref, "mix": labels[other], "floor": cm.frechet_distance(f_other, f_ref)}
+    f_ref, f_other, mix = cm.real_sets(classifier, images, labels, n, seed)
+    return {"ref": f_ref, "mix": mix, "floor": cm.frechet_distance(f_other, f_ref)}
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ import torch
 from oracles import OracleUnet
 
 import diffusion_utilities as du
-from course_tools.runs import save_atomic, weights_file
+from course_tools.runs import save_atomic, weights_payload
 from course_tools.training import PerturbedInputs, TrainConfig, run_training, timestep_probabilities
 
 
@@ -170,7 +170,7 @@ def test_group_norm_and_zero_init(tiny_npz, tmp_path):
 
 def test_load_model_reads_the_architecture(tmp_path):
     net = du.ContextUnet(n_feat=16, norm="group", prediction="v")
-    save_atomic(weights_file(net), tmp_path / "w.pt")
+    save_atomic(weights_payload(net), tmp_path / "w.pt")
     back = du.load_model(tmp_path / "w.pt", "cpu")
     assert back.prediction == "v" and back.n_feat == 16 and back.settings["norm"] == "group"
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), net.state_dict().values()))
