@@ -5,11 +5,12 @@
     Notebook 2  Model                             ContextUnet (eps- or v-prediction)
     Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA,
                                                   sprite_batches, train (the loop)
-    Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm, model_schedule
+    Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
     Notebook 5  Context and guidance              predict_noise (classifier-free guidance), rescale_guidance
     Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
-    Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained
+    Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained,
+                                                  model_schedule (the schedule a model was trained with)
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
 0..T, where x_0 is a clean image and x_T is (almost) pure noise; the network is given t / T.
@@ -25,6 +26,7 @@ module and never the reverse. `python diffusion_utilities.py train|sample|export
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -415,7 +417,9 @@ class ContextUnet(nn.Module):
             got = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
             raise ValueError(f"c must be a (B, n_cfeat) = ({B}, {self.n_cfeat}) context tensor or None, got {got}")
         c = c.to(x.dtype)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        precision = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                     else contextlib.nullcontext())  # a caller's own autocast still applies
+        with precision:
             x0 = self.init_conv(x)
             d1 = self.down1(x0)
             d2 = self.down2(d1)
@@ -597,19 +601,18 @@ def train(model, batches, schedule, *, steps, lr=1e-3, lr_min=5e-5, warmup=200, 
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     ema = ema if ema is not None else EMA(model)
     losses = []
-    bar = tqdm(range(start, steps), disable=not progress, desc="training", mininterval=2)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, lr_min, warmup)
-        x, c = next(batches)                                                  # 1. a batch of sprites
-        loss = train_step(model, optimizer, x, c, schedule, **loss_options)  # 2. one step down the loss
-        ema.update(model)                                                    # 3. the moving average
-        losses.append(loss)
-        if (step + 1) % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
-        if callback is not None and callback(step + 1, loss) is False:
-            break
-    bar.close()
+    with tqdm(range(start, steps), disable=not progress, desc="training", mininterval=2) as bar:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr, lr_min, warmup)
+            x, c = next(batches)                                                  # 1. a batch of sprites
+            loss = train_step(model, optimizer, x, c, schedule, **loss_options)  # 2. one step down the loss
+            ema.update(model)                                                    # 3. the moving average
+            losses.append(loss)
+            if (step + 1) % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+            if callback is not None and callback(step + 1, loss) is False:
+                break
     return ema, losses
 
 
@@ -1092,7 +1095,7 @@ def image_grid(x, nrow=8, pad=1, pad_value=1.0):
     with pad pixels of pad_value between them (torchvision's make_grid)."""
     from torchvision.utils import make_grid
 
-    x = torch.as_tensor(np.asarray(x.detach().cpu() if torch.is_tensor(x) else x))
+    x = x.detach().float().cpu() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, dtype=np.float32))
     if x.dim() != 4:
         raise ValueError(f"image_grid needs a batch (B, 3, H, W), got shape {tuple(x.shape)}")
     grid = make_grid(((x.float() + 1) / 2).clamp(0, 1), nrow=nrow, padding=pad, pad_value=pad_value)

@@ -225,12 +225,12 @@ def average_with_snapshots(final, run, steps, *, keys):
     "Analyzing and Improving the Training Dynamics of Diffusion Models"). Only the entries named in keys are
     averaged, the rest stay the final ones: export averages the parameters and keeps BatchNorm's running
     statistics (averaging them too was measured worse, research/ema_length.json)."""
-    have = sorted(run_snapshots(run))
-    missing = sorted(set(steps) - set(have))
+    paths = run_snapshots(run)
+    missing = sorted(set(steps) - set(paths))
     if missing:
-        raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} (it has {have or 'none'}); "
+        raise SystemExit(f"export: {run} has no snapshot at step(s) {missing} (it has {sorted(paths) or 'none'}); "
                          "save them with `train --snapshots STEP ...`")
-    snaps = [read_weights(run / f"snap_{step:06d}.pt")[0] for step in sorted(set(steps))]
+    snaps = [read_weights(paths[step])[0] for step in sorted(set(steps))]
     return {k: (sum([v, *(s[k] for s in snaps)]) / (1 + len(snaps)) if k in keys else v) for k, v in final.items()}
 
 

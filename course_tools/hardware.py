@@ -42,7 +42,7 @@ def fast_settings(device):
 
 def use_fast_settings(model, device):
     """Set model up for fast_settings(device): its autocast dtype and memory format. Returns the memory
-    format, for the batches (a channels_last network is fastest fed channels_last images)."""
+    format (the trainer converts its batches to it; a plain batch is converted by the first layer, cheaply)."""
     model.autocast_dtype, memory_format = fast_settings(device)
     model.to(memory_format=memory_format)
     return memory_format
@@ -51,7 +51,7 @@ def use_fast_settings(model, device):
 @contextlib.contextmanager
 def computing_in(model, dtype):
     """Run model's forward passes under autocast to dtype (None: fp32) inside a with-block, then restore."""
-    before = model.autocast_dtype
+    before = getattr(model, "autocast_dtype", None)
     model.autocast_dtype = dtype
     try:
         yield model

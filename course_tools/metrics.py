@@ -174,7 +174,7 @@ def nearest_neighbours(samples, train_images):
     Returns (index (N,) into train_images, rms distance (N,) in [0, 1] pixel units, flipped (N,) bool).
     """
     s = torch.as_tensor(to_display(samples)).reshape(len(samples), -1).double()
-    t = torch.as_tensor(np.asarray(train_images)).double() / 255.0
+    t = torch.as_tensor(to_display(to_tensor_images(train_images))).double()  # (M, H, W, 3) in [0, 1]
     both = torch.cat([t.reshape(len(t), -1), t.flip(2).reshape(len(t), -1)])
     d2 = torch.cdist(s, both).pow(2) / s.shape[1]
     best = d2.argmin(1)

@@ -258,12 +258,15 @@ def plan_steps(seconds, *, model, batches, schedule, max_steps, min_steps=1, pro
     """How many steps of a du.train run fit in a wait of `seconds` here: (steps, seconds per step).
 
     Times probe_steps steps of the same run on a copy of model (the first 3 warm up and are left out;
-    the copy's batches come from `batches`, so they are used up) and returns the steps that fit,
+    the copy's batches come from `batches`, and a generator in train_options draws for them too, so both
+    move on, reproducibly) and returns the steps that fit,
     between min_steps and max_steps. Notebook 3 plans its run with it, so a learner on a slower CPU
     waits about as long as one on a fast one, for fewer steps.
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"seconds must be a positive number (the wait you accept), got {seconds!r}")
+    if probe_steps < 5:
+        raise ValueError(f"probe_steps must be at least 5 (3 warm up, 2 are timed), got {probe_steps}")
     stamps = []
     probe = copy.deepcopy(model)
     du.train(probe, batches, schedule, steps=probe_steps, ema=du.EMA(probe), progress=False,

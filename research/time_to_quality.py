@@ -23,6 +23,7 @@ import torch
 
 import course_tools.manifest as cman
 import diffusion_utilities as du
+from course_tools.cli import run_snapshots
 from course_tools.hardware import describe_device, fast_settings
 from course_tools.metrics import load_classifier
 from research.training_recipes import real_features, score
@@ -35,7 +36,7 @@ def points_from_run(run):
     """(minutes, step, path, model args) of every snapshot of a training run's folder, and of its final EMA weights."""
     run = Path(run)
     points = []
-    for snap in sorted(run.glob("snap_*.pt")):
+    for snap in run_snapshots(run).values():
         meta = torch.load(snap, map_location="cpu", weights_only=True)
         points.append((meta["train_seconds"] / 60, meta["step"], snap, {}))
     ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)

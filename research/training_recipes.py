@@ -40,7 +40,7 @@ from course_tools.training import TrainConfig, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The base of the single-change study: the best short recipe of shared/reference/training.md.
+# The base of the single-change study: the best short recipe known when the study began.
 # Every loss setting is pinned here: TrainConfig's defaults are the study's outcome, not its starting point.
 BASE = dict(n_feat=32, batch_size=128, lr=2e-3, warmup=50, ema_decay=0.995, ema_warmup=10, prediction="eps",
             snr_gamma=None, class_balance=0.5, norm="batch", zero_init=False, t_sampling="uniform",

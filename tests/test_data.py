@@ -45,7 +45,7 @@ def test_flip_only_mirrors():
     assert torch.all(same | mirrored) and 60 < mirrored.sum() < 140
 
 
-def test_sprite_batches_draw_classes_by_their_weights_and_convert_once():
+def test_sprite_batches_draw_classes_by_their_weights():
     images, labels, names = du.load_sprites()
     counts = np.bincount(labels)
     batches = du.sprite_batches(images, labels, batch_size=512, class_balance=0.0, n_cfeat=len(names),

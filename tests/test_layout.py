@@ -1,5 +1,6 @@
 """The code's shape: the course module imports nothing from the tools (the tools import it, one way), apart
-from the `python diffusion_utilities.py <command>` entry; notebooks and tests use public names only."""
+from the `python diffusion_utilities.py <command>` entry; notebooks use public names only; tests leave sys.path
+alone. (tests/test_research.py checks the research scripts' names.)"""
 import ast
 import json
 import re
