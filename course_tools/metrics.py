@@ -213,15 +213,20 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
     return torch.cat(out), time.time() - t0
 
 
-def real_sets(classifier, images, labels, n, seed):
-    """Two disjoint random sets of n real sprites as classifier features (reference, other), and the
-    class ids of the second set: samples are made for these, so they share the real data's class mix."""
-    labels = np.asarray(labels)
-    if 2 * n > len(labels):
+def real_split(n_sprites, n, seed):
+    """Indices of two disjoint random sets of n real sprites (reference, other), the same for a seed."""
+    if 2 * n > n_sprites:
         raise ValueError(f"n={n} is too large: the floor needs two disjoint sets of n real sprites "
-                         f"(at most {len(labels) // 2})")
-    perm = np.random.default_rng(seed).permutation(len(labels))
-    ref_idx, other_idx = perm[:n], perm[n:2 * n]
+                         f"(at most {n_sprites // 2})")
+    perm = np.random.default_rng(seed).permutation(n_sprites)
+    return perm[:n], perm[n:2 * n]
+
+
+def real_sets(classifier, images, labels, n, seed):
+    """Two disjoint random sets of n real sprites (real_split) as classifier features (reference, other), and
+    the class ids of the second set: samples are made for these, so they share the real data's class mix."""
+    labels = np.asarray(labels)
+    ref_idx, other_idx = real_split(len(labels), n, seed)
     real_ref, _ = classifier_outputs(classifier, to_tensor_images(images[ref_idx]))
     real_other, _ = classifier_outputs(classifier, to_tensor_images(images[other_idx]))
     return real_ref, real_other, labels[other_idx]

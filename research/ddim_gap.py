@@ -13,12 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import diffusion_utilities as du
 from course_tools.hardware import describe_device, fast_settings
-from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier
+from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier, real_split
 
 
 def batch_statistics_copy(model):
@@ -48,10 +47,10 @@ def main(argv=None):
     model = du.load_pretrained("sprites", "cpu")
     model.autocast_dtype = fast_settings("cpu")[0]  # bf16 autocast where the CPU has it natively (the copy keeps it)
     schedule = du.model_schedule(model)
-    perm = np.random.default_rng(0).permutation(len(labels))
-    real = du.to_tensor_images(images[perm[:args.n]])
+    ref_idx, other_idx = real_split(len(labels), args.n, 0)  # the sets evaluate uses
+    real = du.to_tensor_images(images[ref_idx])
     ref, _ = classifier_outputs(clf, real)
-    gen_labels = torch.as_tensor(labels[perm[args.n:2 * args.n]])
+    gen_labels = torch.as_tensor(labels[other_idx])
     rows = []
     for norm, net in [("running statistics (eval)", model), ("batch statistics", batch_statistics_copy(model))]:
         for eta in (0.0, 1.0):

@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import diffusion_utilities as du
 from course_tools.hardware import describe_device, fast_settings
-from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier
+from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier, real_split
 from course_tools.training import TrainConfig, run_training
 
 
@@ -40,9 +39,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     images, labels, _ = du.load_sprites()
     clf = load_classifier("cpu")
-    perm = np.random.default_rng(0).permutation(len(labels))
-    ref, _ = classifier_outputs(clf, du.to_tensor_images(images[perm[:args.n]]))
-    gen_labels = torch.as_tensor(labels[perm[args.n:2 * args.n]])
+    ref_idx, other_idx = real_split(len(labels), args.n, 0)  # the sets evaluate uses
+    ref, _ = classifier_outputs(clf, du.to_tensor_images(images[ref_idx]))
+    gen_labels = torch.as_tensor(labels[other_idx])
     rows = []
     for name, terminal in [("course linear, sqrt(ab_T) = 0.079", None), ("rescaled, sqrt(ab_T) = 0.004", 0.004)]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +62,7 @@ def main(argv=None):
         row["fid_ratio_eta0_over_eta1"] = row["eta0"]["fid"] / row["eta1"]["fid"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    real_white = white_share(du.to_tensor_images(images[perm[:args.n]]))
+    real_white = white_share(du.to_tensor_images(images[ref_idx]))
     result = {"command": "python -m research.terminal_snr " + " ".join(sys.argv[1:] if argv is None else argv),
               "n": args.n,
               "hardware": describe_device("cpu"), "real_white_share": real_white, "rows": rows}
