@@ -50,15 +50,14 @@ WEIGHTS_DIR = ROOT / "weights"
 # ---------------------------------------------------------------------------------------------
 
 def find_data_file(path):
-    """A relative path that does not exist from here is looked up beside this module (notebooks/ runs)."""
+    """path, or, when a relative path does not exist from here, the same path beside this module."""
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (ROOT / path).exists():
         path = ROOT / path
     if not path.exists():
-        raise FileNotFoundError(
-            f"sprite file not found: {path}. It ships with the course as data/sprites16.npz; "
-            "clone the whole repository, or rebuild it with `bash data/download_crawl.sh && "
-            "python data/build_sprites.py`.")
+        raise FileNotFoundError(f"sprite file not found: {path}. It ships with the course as data/sprites16.npz; clone "
+                                "the whole repository, or rebuild it with `bash data/download_crawl.sh && python "
+                                "data/build_sprites.py`.")
     return path
 
 
@@ -68,37 +67,25 @@ def load_sprites(path="data/sprites16.npz"):
     images: uint8 (N, 16, 16, 3) RGB on white; labels: int64 (N,) in 0..4;
     class_names: list of 5 str (hero, non-hero, food, spell, item).
     """
-    images, labels, _, class_names = _read_sprites(path)
-    return images, labels, class_names
-
-
-def _read_sprites(path):
-    """(images, labels int64, alpha, class_names) from a dataset file, checked; see load_sprites."""
     path = find_data_file(path)
     try:
         with np.load(path) as d:
-            missing = sorted({"images", "labels", "class_names", "alpha"} - set(d.files))
+            missing = sorted({"images", "labels", "class_names"} - set(d.files))
             if missing:
                 raise ValueError(f"{path} is not a sprite dataset: it lacks {missing} (has {sorted(d.files)})")
-            images, labels, alpha = d["images"], d["labels"], d["alpha"]
-            class_names = [str(s) for s in d["class_names"]]
+            images, labels, class_names = d["images"], d["labels"], [str(s) for s in d["class_names"]]
     except (OSError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated or not an npz file
         raise ValueError(f"{path} cannot be read as a dataset (.npz): {err}. Rebuild it, or restore it with "
                          "`git checkout -- data/`") from None
-    _check_dataset(path, images, labels, alpha, class_names)
-    return images, labels.astype(np.int64), alpha, class_names
-
-
-def _check_dataset(path, images, labels, alpha, class_names):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"{path}: images must be uint8 pixels of shape (N, H, H, 3), got {images.dtype} "
                          f"{images.shape} (float images in [0, 1] would train on black: multiply by 255 first)")
-    n = len(images)
-    if n < 2 or labels.shape != (n,) or alpha.shape != images.shape[:3]:
-        raise ValueError(f"{path}: need at least 2 images with one label and one alpha map each; got {n} images, "
-                         f"labels {labels.shape}, alpha {alpha.shape}")
+    if len(images) < 2 or labels.shape != (len(images),):
+        raise ValueError(f"{path}: need at least 2 images and one label each; got {len(images)} images, labels "
+                         f"{labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(class_names):
         raise ValueError(f"{path}: labels must be integers in 0..{len(class_names) - 1} (one per class name)")
+    return images, labels.astype(np.int64), class_names
 
 
 def to_tensor_images(images):

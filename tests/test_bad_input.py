@@ -95,7 +95,7 @@ def test_bad_dataset_files(tmp_path):
     cases = {
         tmp_path / "empty.npz": "cannot be read",
         truncated: "cannot be read",
-        _write_npz(tmp_path / "keys.npz", images=good["images"]): "lacks \\['alpha', 'class_names', 'labels'\\]",
+        _write_npz(tmp_path / "keys.npz", images=good["images"]): "lacks \\['class_names', 'labels'\\]",
         _write_npz(tmp_path / "float.npz", **{**good, "images": good["images"] / 255.0}): "uint8 pixels",
         _write_npz(tmp_path / "shape.npz", **{**good, "images": good["images"][:, :8]}): "shape \\(N, H, H, 3\\)",
         _write_npz(tmp_path / "count.npz", **{**good, "labels": good["labels"][:-1]}): "one label",
