@@ -264,7 +264,7 @@ def predict_x0(x_t, t, pred_noise, schedule):
 
 
 # ---------------------------------------------------------------------------------------------
-# Notebook 2. Model: the course's ContextUnet, with its shortcut and pooling bugs fixed
+# Notebook 2. Model: the course's ContextUnet, with its random-shortcut bug fixed (and any height a multiple of 4)
 # ---------------------------------------------------------------------------------------------
 
 def make_norm(kind, channels):
@@ -370,9 +370,9 @@ class ContextUnet(nn.Module):
                          "norm": norm, "prediction": prediction}
 
         self.init_conv = ResidualConvBlock(in_channels, n_feat, is_res=True, norm=norm)
-        self.down1 = UnetDown(n_feat, n_feat, norm)          # -> (B, F, h/2, h/2)
-        self.down2 = UnetDown(n_feat, 2 * n_feat, norm)      # -> (B, 2F, h/4, h/4)
-        self.to_vec = nn.Sequential(nn.AvgPool2d(height // 4), nn.GELU())  # -> (B, 2F, 1, 1)
+        self.down1 = UnetDown(n_feat, n_feat, norm)
+        self.down2 = UnetDown(n_feat, 2 * n_feat, norm)
+        self.to_vec = nn.Sequential(nn.AvgPool2d(height // 4), nn.GELU())  # the course's AvgPool2d(4) broke h >= 32
 
         self.timeembed1 = EmbedFC(1, 2 * n_feat)
         self.timeembed2 = EmbedFC(1, n_feat)
@@ -387,8 +387,29 @@ class ContextUnet(nn.Module):
                                  nn.Conv2d(n_feat, in_channels, 3, 1, 1))
 
     def forward(self, x, t, c=None):
-        B = x.shape[0] if torch.is_tensor(x) else 0
-        expected = (self.in_channels, self.height, self.height)
+        t, c = self._checked_inputs(x, t, c)                    # t as (B, 1), c as (B, n_cfeat)
+        with self._precision(x):
+            x0 = self.init_conv(x)                              # encoder: (B, F, h, h)
+            d1 = self.down1(x0)                                 # (B, F, h/2, h/2)
+            d2 = self.down2(d1)                                 # (B, 2F, h/4, h/4)
+            hidden = self.to_vec(d2)                            # (B, 2F, 1, 1)
+
+            cemb1, temb1 = self.contextembed1(c), self.timeembed1(t)
+            cemb2, temb2 = self.contextembed2(c), self.timeembed2(t)
+
+            u1 = self.up0(hidden)                               # decoder: context multiplies, time adds
+            u2 = self.up1(cemb1 * u1 + temb1, d2)
+            u3 = self.up2(cemb2 * u2 + temb2, d1)
+            return self.out(torch.cat((u3, x0), 1)).to(x.dtype)
+
+    def _precision(self, x):
+        """Autocast to self.autocast_dtype when set; otherwise nothing (a caller's own autocast still applies)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.autocast_dtype)
+
+    def _checked_inputs(self, x, t, c):
+        B, expected = (x.shape[0] if torch.is_tensor(x) else 0), (self.in_channels, self.height, self.height)
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {got}")
@@ -397,28 +418,12 @@ class ContextUnet(nn.Module):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.numel() not in (1, B):
             raise ValueError(f"t must hold 1 or B={B} values of t/T, got shape {tuple(t.shape)}")
-        t = t.reshape(-1, 1).expand(B, 1)
         if c is None:
             c = torch.zeros(B, self.n_cfeat, dtype=x.dtype, device=x.device)
         elif not torch.is_tensor(c) or c.shape != (B, self.n_cfeat):
             got = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
             raise ValueError(f"c must be a (B, n_cfeat) = ({B}, {self.n_cfeat}) context tensor or None, got {got}")
-        c = c.to(x.dtype)
-        precision = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                     else contextlib.nullcontext())  # a caller's own autocast still applies
-        with precision:
-            x0 = self.init_conv(x)
-            d1 = self.down1(x0)
-            d2 = self.down2(d1)
-            hidden = self.to_vec(d2)
-
-            cemb1, temb1 = self.contextembed1(c), self.timeembed1(t)
-            cemb2, temb2 = self.contextembed2(c), self.timeembed2(t)
-
-            u1 = self.up0(hidden)
-            u2 = self.up1(cemb1 * u1 + temb1, d2)
-            u3 = self.up2(cemb2 * u2 + temb2, d1)
-            return self.out(torch.cat((u3, x0), 1)).to(x.dtype)
+        return t.reshape(-1, 1).expand(B, 1), c.to(x.dtype)
 
 
 def count_parameters(model):
@@ -848,13 +853,17 @@ def sample_ddpm_incorrect(model, n_sample, schedule, *, context=None, save_rate=
                        add_noise=False)
 
 
+def _check_n_steps(n_steps, T):
+    if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= T:
+        raise ValueError(f"n_steps must be an integer in 1..{T} (the number of network calls), got {n_steps!r}")
+
+
 def ddim_timesteps(T, n_steps):
     """The n_steps + 1 timesteps DDIM visits, from T down to 0, spaced as evenly as integers allow.
 
     Works for every n_steps in 1..T; e.g. T=500, n_steps=3 gives [500, 333, 167, 0].
     """
-    if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps must be an integer in 1..{T} (the number of network calls), got {n_steps!r}")
+    _check_n_steps(n_steps, T)
     return [int(round(T - T * i / n_steps)) for i in range(n_steps + 1)]
 
 
@@ -1017,8 +1026,7 @@ def logsnr_timesteps(schedule, n_steps):
     lambda: the ODE's solution changes at a similar pace per unit of lambda. Repeated integers are
     dropped, so very large n_steps may give fewer steps."""
     T = schedule.T
-    if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps must be an integer in 1..{T} (the number of network calls), got {n_steps!r}")
+    _check_n_steps(n_steps, T)
     t_min = max(1, T // 50)
     lam = _lambda(schedule, torch.arange(1, T + 1))  # decreasing in t
     targets = torch.linspace(float(lam[T - 1]), float(lam[t_min - 1]), n_steps)  # [lambda_T .. lambda_t_min]
