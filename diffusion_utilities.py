@@ -11,6 +11,7 @@
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
     Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained,
                                                   model_schedule (the schedule a model was trained with)
+    Appendix    input checks                      what a wrong argument is told (shapes, ranges, types)
 
 Conventions. Images are float tensors of shape (B, 3, H, W) in [-1, 1]. Timesteps are integers
 0..T, where x_0 is a clean image and x_T is (almost) pure noise; the network is given t / T.
@@ -194,45 +195,6 @@ def make_schedule(timesteps=500, beta1=1e-4, beta2=0.02, kind="linear", *, termi
         a_t = torch.cat([a_t[:1], ab_t[1:] / ab_t[:-1]])
         b_t = torch.cat([b_t[:1], 1 - a_t[1:]])
     return Schedule(b_t.float(), a_t.float(), ab_t.float())
-
-
-def _check_images(x, name="x"):
-    """Images must be a finite float tensor (B, C, H, W); uint8 pixels are refused, not misread."""
-    if not torch.is_tensor(x) or x.dim() != 4:
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name} must be a tensor of images with shape (B, C, H, W), got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must hold floats in [-1, 1], got {x.dtype}; convert 0..255 pixels with "
-                         "du.to_tensor_images (or x.float() / 127.5 - 1)")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} holds NaN or inf")
-
-
-def _timestep_tensor(t, batch, schedule, name="t", low=0):
-    """t as a LongTensor of shape (batch,), checked to lie in low..T."""
-    T = schedule.T
-    if isinstance(t, (int, np.integer)):
-        t = torch.full((batch,), int(t), dtype=torch.long)
-    elif torch.is_tensor(t):
-        if t.is_floating_point() or t.is_complex():
-            raise ValueError(f"{name} must hold integer timesteps {low}..{T}, got a {t.dtype} tensor "
-                             "(the model takes t/T, the schedule takes the integer t)")
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"{name} must be an int or a tensor of shape ({batch},), got {tuple(t.shape)}")
-        t = t.long()
-    else:
-        raise ValueError(f"{name} must be an int or a LongTensor, got {type(t).__name__}")
-    lo, hi = int(t.min()), int(t.max())
-    if lo < low or hi > T:
-        raise ValueError(f"{name} must lie in {low}..{T} for this schedule, got values {lo}..{hi}")
-    return t
-
-
-def _per_image(values, t, x):
-    """values[t] shaped (B, 1, 1, 1) to broadcast over images like x."""
-    return values.to(x.device)[t.to(x.device)].view(-1, 1, 1, 1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,57 +625,6 @@ def denoise_ddim(x, t, t_prev, pred_noise, schedule, *, eta=0.0, z=None):
     return out
 
 
-def _check_eta(eta):
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
-
-
-def _model_device(model):
-    return next(model.parameters()).device
-
-
-def _prepare_context(context, n_sample, model, guide_w):
-    """Contexts as a float (n_sample, n_cfeat) tensor on the model's device, or None.
-
-    context: None; integer class ids (n_sample,); contexts (n_sample, n_cfeat) as floats (one-hot
-    rows or blends); or one context (1, n_cfeat) shared by every sample.
-    """
-    n_cfeat = model.n_cfeat
-    if not (isinstance(guide_w, (int, float)) and math.isfinite(guide_w) and guide_w >= 0):
-        raise ValueError(f"guide_w must be a finite number >= 0 (0 = no guidance), got {guide_w!r}")
-    if context is None:
-        if guide_w > 0:
-            raise ValueError("classifier-free guidance (guide_w > 0) needs a context to steer towards")
-        return None
-    context = torch.as_tensor(context)
-    if not context.is_floating_point():
-        context = one_hot(context.reshape(-1) if context.dim() == 0 else context, n_cfeat)
-    elif context.dim() == 1:
-        raise ValueError(f"a 1-D context must hold integer class ids, got {context.dtype}; for one blended "
-                         f"context pass shape (1, {n_cfeat}), for several pass ({n_sample}, {n_cfeat})")
-    if context.dim() == 2 and context.shape == (1, n_cfeat):
-        context = context.expand(n_sample, n_cfeat)
-    if context.shape != (n_sample, n_cfeat):
-        raise ValueError(f"context must be class ids ({n_sample},) or contexts ({n_sample}, {n_cfeat}), "
-                         f"got {tuple(context.shape)}")
-    if not bool(torch.isfinite(context).all()):
-        raise ValueError("context holds NaN or inf")
-    return context.float().to(_model_device(model))
-
-
-def _check_guide_interval(guide_interval, T):
-    """None (guide at every step) or two integer steps (low, high), 0 <= low <= high <= T."""
-    if guide_interval is None:
-        return None
-    ok = (isinstance(guide_interval, (tuple, list)) and len(guide_interval) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in guide_interval)
-          and 0 <= guide_interval[0] <= guide_interval[1] <= T)
-    if not ok:
-        raise ValueError(f"guide_interval must be two integer steps (low, high) with 0 <= low <= high <= {T}; "
-                         f"guidance then acts only where low <= t <= high (None: at every step), got {guide_interval!r}")
-    return int(guide_interval[0]), int(guide_interval[1])
-
-
 def rescale_guidance(guided, cond, phi):
     """Guidance rescale (Lin et al. 2024, sec. 3.4): guided * std(cond) / std(guided), blended with guided.
 
@@ -724,12 +635,6 @@ def rescale_guidance(guided, cond, phi):
     """
     rescaled = guided * (cond.std(dim=(1, 2, 3), keepdim=True) / guided.std(dim=(1, 2, 3), keepdim=True))
     return phi * rescaled + (1 - phi) * guided
-
-
-def _check_guide_rescale(phi):
-    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi <= 1:
-        raise ValueError(f"guide_rescale must be a number in [0, 1] (0: plain guidance, 1: full rescale), got {phi!r}")
-    return float(phi)
 
 
 def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_interval=None, guide_rescale=0.0):
@@ -765,50 +670,6 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_int
         ab = schedule.ab_t[t].to(x.device)
         out = ab.sqrt() * out + (1 - ab).sqrt() * x
     return out
-
-
-class _EvalMode:
-    """Put a model in eval mode for sampling and restore its mode afterwards."""
-
-    def __init__(self, model):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-
-
-def _randn(shape, generator, device):
-    """Standard normal noise from a seeded CPU generator (same numbers on every device) or the global RNG."""
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
-
-
-def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None):
-    """What every sampler does first: check its inputs, move the schedule and context to the model's
-    device, and draw x_T (or check the one given). Any nn.Module with ContextUnet's call signature
-    model(x, t/T, context) and its attributes in_channels, height and n_cfeat can be sampled
-    (prediction="v" if it predicts v). Returns (schedule, context, x_T)."""
-    missing = [a for a in ("in_channels", "height", "n_cfeat") if not hasattr(model, a)]
-    if not isinstance(model, nn.Module) or missing:
-        raise ValueError(f"model must be an nn.Module called as model(x, t / T, context) with the attributes "
-                         f"in_channels, height and n_cfeat, like ContextUnet; {type(model).__name__} lacks {missing}")
-    if not isinstance(n_sample, int) or n_sample < 1:
-        raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
-    device = _model_device(model)
-    context = _prepare_context(context, n_sample, model, guide_w)
-    shape = (n_sample, model.in_channels, model.height, model.height)
-    if x_T is None:
-        x = _randn(shape, generator, device)
-    else:
-        _check_images(x_T, "x_T")
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape} (n_sample, channels, height, width), got {tuple(x_T.shape)}")
-        x = x_T.detach().float().to(device)
-    return schedule.to(device), context, x
 
 
 @torch.no_grad()
@@ -851,11 +712,6 @@ def sample_ddpm_incorrect(model, n_sample, schedule, *, context=None, save_rate=
     """
     return sample_ddpm(model, n_sample, schedule, context=context, save_rate=save_rate, generator=generator,
                        add_noise=False)
-
-
-def _check_n_steps(n_steps, T):
-    if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps must be an integer in 1..{T} (the number of network calls), got {n_steps!r}")
 
 
 def ddim_timesteps(T, n_steps):
@@ -952,26 +808,6 @@ def slerp(a, b, t):
     wa = torch.where(near, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / sin.where(~near, 1))
     wb = torch.where(near, torch.full_like(theta, float(t)), torch.sin(t * theta) / sin.where(~near, 1))
     return (wa * fa + wb * fb).reshape(a.shape).to(a.dtype)
-
-
-def _check_inpainting(x_known, mask, model):
-    """x_known: (B, C, H, W) in [-1, 1] for this model; mask: 0/1 floats (B or 1, 1 or C, H, W)."""
-    _check_images(x_known, "x_known")
-    want = (model.in_channels, model.height, model.height)
-    if tuple(x_known.shape[1:]) != want:
-        raise ValueError(f"x_known must have shape (B, {', '.join(map(str, want))}) for this model, "
-                         f"got {tuple(x_known.shape)}")
-    if float(x_known.abs().max()) > 1 + 1e-4:
-        raise ValueError(f"x_known must lie in [-1, 1] (got values up to {float(x_known.abs().max()):.3g}); "
-                         "convert 0..255 pixels with du.to_tensor_images")
-    if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[0] not in (1, len(x_known)) \
-            or mask.shape[1] not in (1, want[0]) or tuple(mask.shape[2:]) != want[1:]:
-        raise ValueError(f"mask must have shape (B or 1, 1 or {want[0]}, {want[1]}, {want[2]}) to match x_known "
-                         f"{tuple(x_known.shape)}, got {tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
-    mask = mask.float()
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 (fill in) and 1 (known, kept)")
-    return mask
 
 
 @torch.no_grad()
@@ -1257,6 +1093,175 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
     model.schedule_args = model.schedule_args or entry.get("schedule", {})
     model.class_names = model.class_names or list(entry.get("class_names", []))
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Appendix. Input checks (a learner's mistake gets a message saying what to pass) and small plumbing
+# ---------------------------------------------------------------------------------------------
+
+def _check_images(x, name="x"):
+    """Images must be a finite float tensor (B, C, H, W); uint8 pixels are refused, not misread."""
+    if not torch.is_tensor(x) or x.dim() != 4:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} must be a tensor of images with shape (B, C, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must hold floats in [-1, 1], got {x.dtype}; convert 0..255 pixels with "
+                         "du.to_tensor_images (or x.float() / 127.5 - 1)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or inf")
+
+
+def _timestep_tensor(t, batch, schedule, name="t", low=0):
+    """t as a LongTensor of shape (batch,), checked to lie in low..T."""
+    T = schedule.T
+    if isinstance(t, (int, np.integer)):
+        t = torch.full((batch,), int(t), dtype=torch.long)
+    elif torch.is_tensor(t):
+        if t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{name} must hold integer timesteps {low}..{T}, got a {t.dtype} tensor "
+                             "(the model takes t/T, the schedule takes the integer t)")
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must be an int or a tensor of shape ({batch},), got {tuple(t.shape)}")
+        t = t.long()
+    else:
+        raise ValueError(f"{name} must be an int or a LongTensor, got {type(t).__name__}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > T:
+        raise ValueError(f"{name} must lie in {low}..{T} for this schedule, got values {lo}..{hi}")
+    return t
+
+
+def _per_image(values, t, x):
+    """values[t] shaped (B, 1, 1, 1) to broadcast over images like x."""
+    return values.to(x.device)[t.to(x.device)].view(-1, 1, 1, 1).to(x.dtype)
+
+
+def _check_eta(eta):
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def _prepare_context(context, n_sample, model, guide_w):
+    """Contexts as a float (n_sample, n_cfeat) tensor on the model's device, or None.
+
+    context: None; integer class ids (n_sample,); contexts (n_sample, n_cfeat) as floats (one-hot
+    rows or blends); or one context (1, n_cfeat) shared by every sample.
+    """
+    n_cfeat = model.n_cfeat
+    if not (isinstance(guide_w, (int, float)) and math.isfinite(guide_w) and guide_w >= 0):
+        raise ValueError(f"guide_w must be a finite number >= 0 (0 = no guidance), got {guide_w!r}")
+    if context is None:
+        if guide_w > 0:
+            raise ValueError("classifier-free guidance (guide_w > 0) needs a context to steer towards")
+        return None
+    context = torch.as_tensor(context)
+    if not context.is_floating_point():
+        context = one_hot(context.reshape(-1) if context.dim() == 0 else context, n_cfeat)
+    elif context.dim() == 1:
+        raise ValueError(f"a 1-D context must hold integer class ids, got {context.dtype}; for one blended "
+                         f"context pass shape (1, {n_cfeat}), for several pass ({n_sample}, {n_cfeat})")
+    if context.dim() == 2 and context.shape == (1, n_cfeat):
+        context = context.expand(n_sample, n_cfeat)
+    if context.shape != (n_sample, n_cfeat):
+        raise ValueError(f"context must be class ids ({n_sample},) or contexts ({n_sample}, {n_cfeat}), "
+                         f"got {tuple(context.shape)}")
+    if not bool(torch.isfinite(context).all()):
+        raise ValueError("context holds NaN or inf")
+    return context.float().to(_model_device(model))
+
+
+def _check_guide_interval(guide_interval, T):
+    """None (guide at every step) or two integer steps (low, high), 0 <= low <= high <= T."""
+    if guide_interval is None:
+        return None
+    ok = (isinstance(guide_interval, (tuple, list)) and len(guide_interval) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in guide_interval)
+          and 0 <= guide_interval[0] <= guide_interval[1] <= T)
+    if not ok:
+        raise ValueError(f"guide_interval must be two integer steps (low, high) with 0 <= low <= high <= {T}; "
+                         f"guidance then acts only where low <= t <= high (None: at every step), got {guide_interval!r}")
+    return int(guide_interval[0]), int(guide_interval[1])
+
+
+def _check_guide_rescale(phi):
+    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi <= 1:
+        raise ValueError(f"guide_rescale must be a number in [0, 1] (0: plain guidance, 1: full rescale), got {phi!r}")
+    return float(phi)
+
+
+class _EvalMode:
+    """Put a model in eval mode for sampling and restore its mode afterwards."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def _randn(shape, generator, device):
+    """Standard normal noise from a seeded CPU generator (same numbers on every device) or the global RNG."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=None):
+    """What every sampler does first: check its inputs, move the schedule and context to the model's
+    device, and draw x_T (or check the one given). Any nn.Module with ContextUnet's call signature
+    model(x, t/T, context) and its attributes in_channels, height and n_cfeat can be sampled
+    (prediction="v" if it predicts v). Returns (schedule, context, x_T)."""
+    missing = [a for a in ("in_channels", "height", "n_cfeat") if not hasattr(model, a)]
+    if not isinstance(model, nn.Module) or missing:
+        raise ValueError(f"model must be an nn.Module called as model(x, t / T, context) with the attributes "
+                         f"in_channels, height and n_cfeat, like ContextUnet; {type(model).__name__} lacks {missing}")
+    if not isinstance(n_sample, int) or n_sample < 1:
+        raise ValueError(f"n_sample must be a positive integer, got {n_sample!r}")
+    device = _model_device(model)
+    context = _prepare_context(context, n_sample, model, guide_w)
+    shape = (n_sample, model.in_channels, model.height, model.height)
+    if x_T is None:
+        x = _randn(shape, generator, device)
+    else:
+        _check_images(x_T, "x_T")
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape} (n_sample, channels, height, width), got {tuple(x_T.shape)}")
+        x = x_T.detach().float().to(device)
+    return schedule.to(device), context, x
+
+
+def _check_inpainting(x_known, mask, model):
+    """x_known: (B, C, H, W) in [-1, 1] for this model; mask: 0/1 floats (B or 1, 1 or C, H, W)."""
+    _check_images(x_known, "x_known")
+    want = (model.in_channels, model.height, model.height)
+    if tuple(x_known.shape[1:]) != want:
+        raise ValueError(f"x_known must have shape (B, {', '.join(map(str, want))}) for this model, "
+                         f"got {tuple(x_known.shape)}")
+    if float(x_known.abs().max()) > 1 + 1e-4:
+        raise ValueError(f"x_known must lie in [-1, 1] (got values up to {float(x_known.abs().max()):.3g}); "
+                         "convert 0..255 pixels with du.to_tensor_images")
+    if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[0] not in (1, len(x_known)) \
+            or mask.shape[1] not in (1, want[0]) or tuple(mask.shape[2:]) != want[1:]:
+        raise ValueError(f"mask must have shape (B or 1, 1 or {want[0]}, {want[1]}, {want[2]}) to match x_known "
+                         f"{tuple(x_known.shape)}, got {tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
+    mask = mask.float()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0 (fill in) and 1 (known, kept)")
+    return mask
+
+
+def _check_n_steps(n_steps, T):
+    if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= T:
+        raise ValueError(f"n_steps must be an integer in 1..{T} (the number of network calls), got {n_steps!r}")
 
 
 if __name__ == "__main__":
