@@ -5,9 +5,9 @@
     Notebook 2  Model                             ContextUnet (eps- or v-prediction)
     Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA,
                                                   sprite_batches, train (the loop)
-    Notebook 4  DDPM sampling                     denoise_add_noise, sample_ddpm
+    Notebook 4  DDPM sampling                     posterior, denoise_add_noise, sample_ddpm
     Notebook 5  Context and guidance              predict_noise (classifier-free guidance), rescale_guidance
-    Notebook 6  DDIM                              denoise_ddim, ddim_timesteps, sample_ddim
+    Notebook 6  DDIM                              ddim_sigma, denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
     Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained,
                                                   model_schedule (the schedule a model was trained with)
@@ -327,7 +327,7 @@ class ContextUnet(nn.Module):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' (noise) or 'v' (velocity), got {prediction!r}")
         self.in_channels, self.n_feat, self.n_cfeat, self.height = in_channels, n_feat, n_cfeat, height
-        self.norm, self.prediction, self.autocast_dtype = norm, prediction, None
+        self.prediction, self.autocast_dtype = prediction, None
         self.settings = {"in_channels": in_channels, "n_feat": n_feat, "n_cfeat": n_cfeat, "height": height,
                          "norm": norm, "prediction": prediction}
 
@@ -574,6 +574,15 @@ def train(model, batches, schedule, *, steps, lr=1e-3, lr_min=5e-5, warmup=200, 
 # Notebooks 4-6. Samplers: DDPM (4), context and guidance (5), DDIM (6)
 # ---------------------------------------------------------------------------------------------
 
+def posterior(x0, x_t, t, schedule):
+    """q(x_{t-1} | x_t, x_0), the forward process run backwards when x_0 is known (Ho et al. 2020, eq. 6-7):
+    (mean, variance) for an integer step t in 1..T; mean has x_t's shape, variance (beta-tilde) is 0-dim.
+    DDPM's reverse step is this mean with the network's guess of x_0 put in (notebook 4)."""
+    a, b, ab, ab_prev = schedule.a_t[t], schedule.b_t[t], schedule.ab_t[t], schedule.ab_t[t - 1]
+    mean = ab_prev.sqrt() * b / (1 - ab) * x0 + a.sqrt() * (1 - ab_prev) / (1 - ab) * x_t
+    return mean, (1 - ab_prev) / (1 - ab) * b
+
+
 def denoise_add_noise(x, t, pred_noise, schedule, *, z=None):
     """One DDPM ancestral step, x_t -> x_{t-1} (Ho et al. 2020, Algorithm 2, with sigma_t^2 = beta_t).
 
@@ -594,12 +603,21 @@ def denoise_add_noise(x, t, pred_noise, schedule, *, z=None):
     return mean + b.sqrt() * z
 
 
+def ddim_sigma(t, t_prev, eta, schedule):
+    """DDIM's noise level for a jump t -> t_prev (Song et al. 2020, eq. 16):
+    eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev). t, t_prev: ints (a 0-dim result) or
+    LongTensors (B,). With eta = 1 and t_prev = t - 1, sigma^2 is the posterior's beta-tilde."""
+    ab_t = schedule.ab_t
+    ab, ab_prev = ab_t[torch.as_tensor(t).to(ab_t.device)], ab_t[torch.as_tensor(t_prev).to(ab_t.device)]
+    return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+
+
 def denoise_ddim(x, t, t_prev, pred_noise, schedule, *, eta=0.0, z=None):
     """One DDIM step, x_t -> x_{t_prev} with t_prev < t (Song et al. 2020, eq. 12; sigma from eq. 16).
 
     x0 = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)
     x_{t_prev} = sqrt(ab_prev) * x0 + sqrt(1 - ab_prev - sigma^2) * eps + sigma * z,
-    sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev).
+    sigma = ddim_sigma(t, t_prev, eta, schedule).
     eta=0 is deterministic; eta=1 matches DDPM's posterior variance. t in 1..T, t_prev in 0..t-1.
     """
     _check_images(x)
@@ -611,9 +629,9 @@ def denoise_ddim(x, t, t_prev, pred_noise, schedule, *, eta=0.0, z=None):
     t_prev = _timestep_tensor(t_prev, B, schedule, "t_prev", low=0)
     if bool((t_prev >= t).any()):
         raise ValueError("t_prev must be smaller than t (DDIM steps go from noise towards the image)")
-    ab, ab_prev = _per_image(schedule.ab_t, t, x), _per_image(schedule.ab_t, t_prev, x)
+    ab_prev = _per_image(schedule.ab_t, t_prev, x)
     x0 = predict_x0(x, t, pred_noise, schedule)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    sigma = ddim_sigma(t, t_prev, eta, schedule).to(x.device, x.dtype).view(-1, 1, 1, 1)
     direction = (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
     out = ab_prev.sqrt() * x0 + direction
     if eta > 0:

@@ -264,19 +264,12 @@ def check_denoise_add_noise(fn):
                   du.denoise_add_noise)
 
 
-def posterior(x0, x_t, t, schedule):
-    """The forward process's posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7): (mean, variance)."""
-    a, b, ab, ab_prev = schedule.a_t[t], schedule.b_t[t], schedule.ab_t[t], schedule.ab_t[t - 1]
-    mean = ab_prev.sqrt() * b / (1 - ab) * x0 + a.sqrt() * (1 - ab_prev) / (1 - ab) * x_t
-    return mean, (1 - ab_prev) / (1 - ab) * b
-
-
 def check_posterior(fn):
     """fn(x0, x_t, t, schedule) -> (mean, variance) of q(x_{t-1} | x_t, x_0); variance a 0-dim tensor."""
     s = du.make_schedule(500)
     x0, x_t = _seeded(2, 3, 16, 16).clamp(-1, 1), _seeded(2, 3, 16, 16, seed=1)
     t = 300
-    want = posterior(x0, x_t, t, s)
+    want = du.posterior(x0, x_t, t, s)
     mean = want[0]
     a, b, ab = s.a_t[t], s.b_t[t], s.ab_t[t]
     mistakes = [
@@ -284,9 +277,9 @@ def check_posterior(fn):
          (mean, s.b_t[t])),
         ("The posterior needs ab_{t-1} = schedule.ab_t[t - 1] beside ab_t, not ab_t twice.",
          (ab.sqrt() * b / (1 - ab) * x0 + a.sqrt() * x_t, b)),
-        ("Off by one: at step t use a_t, b_t, ab_t and ab_{t-1} = schedule.ab_t[t - 1].", posterior(x0, x_t, t + 1, s)),
+        ("Off by one: at step t use a_t, b_t, ab_t and ab_{t-1} = schedule.ab_t[t - 1].", du.posterior(x0, x_t, t + 1, s)),
     ]
-    return _judge("posterior", fn, lambda f: tuple(f(x0, x_t, t, s)), want, mistakes, posterior)
+    return _judge("posterior", fn, lambda f: tuple(f(x0, x_t, t, s)), want, mistakes, du.posterior)
 
 
 # -- notebook 5 -------------------------------------------------------------------------------------
@@ -354,17 +347,11 @@ def check_denoise_ddim(fn):
                   du.denoise_ddim)
 
 
-def ddim_sigma(t, t_prev, eta, schedule):
-    """DDIM's noise level for a step t -> t_prev (Song et al. 2020, eq. 16), a 0-dim tensor."""
-    ab, ab_prev = schedule.ab_t[t], schedule.ab_t[t_prev]
-    return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-
-
 def check_ddim_sigma(fn):
     """fn(t, t_prev, eta, schedule) -> eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)."""
     s = du.make_schedule(500)
     cases = ((500, 480, 1.0), (300, 200, 0.5), (20, 0, 1.0), (100, 99, 1.0))
-    want = tuple(torch.as_tensor(ddim_sigma(t, tp, e, s)).float() for t, tp, e in cases)
+    want = tuple(torch.as_tensor(du.ddim_sigma(t, tp, e, s)).float() for t, tp, e in cases)
 
     def run(f):
         return tuple(torch.as_tensor(f(t, tp, e, s)).float() for t, tp, e in cases)
@@ -373,11 +360,11 @@ def check_ddim_sigma(fn):
         ("eta * sqrt(beta_t) is DDPM's noise for one step; a DDIM jump from t to t_prev needs "
          "eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev).",
          tuple(e * s.b_t[t].sqrt() for t, tp, e in cases)),
-        ("That is the variance; sigma is its square root.", tuple(ddim_sigma(t, tp, e, s) ** 2 / e for t, tp, e in cases)),
+        ("That is the variance; sigma is its square root.", tuple(du.ddim_sigma(t, tp, e, s) ** 2 / e for t, tp, e in cases)),
         ("Both factors are needed: sqrt((1 - ab_prev) / (1 - ab_t)) and sqrt(1 - ab_t / ab_prev).",
          tuple(e * (1 - s.ab_t[t] / s.ab_t[tp]).sqrt() for t, tp, e in cases)),
     ]
-    return _judge("ddim_sigma", fn, run, want, mistakes, ddim_sigma)
+    return _judge("ddim_sigma", fn, run, want, mistakes, du.ddim_sigma)
 
 
 # -- notebook 7 -------------------------------------------------------------------------------------

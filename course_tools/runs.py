@@ -203,7 +203,7 @@ class RunState:
                      "generators": generator_states, "world_size": self.world,
                      "rng": {"torch": torch.get_rng_state()}, "step": self.step, "history": self.history,
                      "train_seconds": seconds, "data_path": str(self.data.path), "data_sha256": self.data.digest,
-                     "model_args": dict(getattr(model, "module", model).settings), "class_names": self.data.class_names,
+                     "model_args": dict(model.settings), "class_names": self.data.class_names,
                      "schedule": self.config.schedule_args()},
                     self.ckpt_path)
         write_atomic(self.out_dir / "history.json", json.dumps({"loss": self.history, "train_seconds": seconds,

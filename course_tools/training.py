@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import time
@@ -23,7 +22,8 @@ import torch
 import torch.nn as nn
 
 import diffusion_utilities as du
-from course_tools.hardware import fast_settings, use_fast_settings
+from course_tools.hardware import use_fast_settings
+from course_tools.manifest import sha256_file
 from course_tools.runs import (
     RunLock,
     RunState,
@@ -138,13 +138,12 @@ class PerturbedInputs(nn.Module):
     def __init__(self, network, schedule, gamma, generator):
         super().__init__()
         self.network, self.gamma, self.generator = network, gamma, generator
-        self.sigmas = (1 - schedule.ab_t).sqrt().tolist()  # a list, not a buffer: the state stays the network's
+        self.sigmas = (1 - schedule.ab_t).sqrt().cpu()  # a plain attribute, not a buffer: the state stays the network's
         self.prediction = getattr(network, "module", network).prediction
 
     def forward(self, x_t, t_frac, c):
-        T = len(self.sigmas) - 1
-        t = (t_frac * T).round().long().cpu()
-        sigma = torch.tensor(self.sigmas, dtype=x_t.dtype)[t].view(-1, 1, 1, 1).to(x_t.device)
+        t = (t_frac * (len(self.sigmas) - 1)).round().long().cpu()
+        sigma = self.sigmas[t].view(-1, 1, 1, 1).to(x_t.device, x_t.dtype)
         extra = torch.randn(x_t.shape, generator=self.generator, dtype=x_t.dtype).to(x_t.device)
         return self.network(x_t + self.gamma * sigma * extra, t_frac, c)
 
@@ -159,7 +158,7 @@ class TrainingData:
         self.images, self.labels, self.class_names = du.load_sprites(data_path)
         self.path = du.find_data_file(data_path)
         self.n_classes, self.height = len(self.class_names), self.images.shape[1]
-        self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.digest = sha256_file(self.path)
         if len(self.images) < 1000:  # warnings.warn shows this once per run
             warnings.warn(f"{self.path} holds only {len(self.images)} images ({self.n_classes} classes, {self.height}x"
                           f"{self.height}); a ContextUnet has over a million weights (0.37 M at n_feat 32, 1.48 M at 64) "
@@ -213,7 +212,7 @@ def _run(config, out_dir, data_path, resume, minutes, device, progress, callback
     stepped = network  # what train_step calls: the network, or a wrapper around it
     if world > 1:
         if device.type == "cuda":
-            network = stepped = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
         stepped = nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
     gen = torch.Generator().manual_seed(config.seed + rank)  # drives this process's batches, t, noise, dropout
     if config.input_perturbation > 0:
@@ -269,11 +268,10 @@ def plan_steps(seconds, *, model, batches, schedule, max_steps, min_steps=1, pro
         raise ValueError(f"probe_steps must be at least 5 (3 warm up, 2 are timed), got {probe_steps}")
     stamps = []
     probe = copy.deepcopy(model)
-    du.train(probe, batches, schedule, steps=probe_steps, ema=du.EMA(probe), progress=False,
+    du.train(probe, batches, schedule, steps=probe_steps, progress=False,
              callback=lambda step, loss: stamps.append(time.perf_counter()), **train_options)
     per_step = float(np.median(np.diff(stamps[2:])))
     return max(1, min_steps, min(max_steps, int(seconds / per_step))), per_step
 
 
-__all__ = ["TrainConfig", "TrainingData", "PerturbedInputs", "fast_settings", "plan_steps", "run_training",
-           "timestep_probabilities"]
+__all__ = ["TrainConfig", "TrainingData", "PerturbedInputs", "plan_steps", "run_training", "timestep_probabilities"]

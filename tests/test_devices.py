@@ -56,6 +56,8 @@ CASES = {
     "velocity": lambda m, s, d: du.velocity(X0.to(d), torch.ones(4, 3, 16, 16).to(d), torch.tensor([1, 2, 3, 4]).to(d), s),
     "denoise_add_noise": lambda m, s, d: du.denoise_add_noise(X0.to(d), 25, X0.to(d), s, z=torch.ones(4, 3, 16, 16).to(d)),
     "denoise_ddim": lambda m, s, d: du.denoise_ddim(X0.to(d), 25, 20, X0.to(d), s, eta=1.0, z=torch.ones(4, 3, 16, 16).to(d)),
+    "posterior": lambda m, s, d: du.posterior(X0.to(d), X0.flip(0).to(d), 30, s.to(d))[0],
+    "ddim_sigma": lambda m, s, d: du.ddim_sigma(torch.tensor([30, 20]).to(d), torch.tensor([10, 0]), 1.0, s.to(d)),
     "rescale_guidance": lambda m, s, d: du.rescale_guidance(2 * X0.to(d), X0.to(d), 0.7),
     "slerp": lambda m, s, d: du.slerp(X0.to(d), X0.flip(0).to(d), 0.3),
     "to_display": lambda m, s, d: torch.as_tensor(du.to_display(X0.to(d))),

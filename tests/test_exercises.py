@@ -108,7 +108,7 @@ WRONG = [
     ("min_snr_weight", lambda snr, gamma: snr.clamp(max=gamma) / snr, "eps-prediction loss"),
     ("denoise_add_noise", lambda x, t, e, s, z: (x - e * s.b_t[t] / (1 - s.ab_t[t]).sqrt()) / s.a_t[t].sqrt(),
      "fresh noise"),
-    ("posterior", lambda x0, xt, t, s: (exercises.posterior(x0, xt, t, s)[0], s.b_t[t]), "beta-tilde"),
+    ("posterior", lambda x0, xt, t, s: (du.posterior(x0, xt, t, s)[0], s.b_t[t]), "beta-tilde"),
     ("guidance", lambda c, u, w: w * c + (1 - w) * u, "At w = 0"),
     ("rescale", lambda g, c, phi: g * c.std(dim=(1, 2, 3), keepdim=True) / g.std(dim=(1, 2, 3), keepdim=True),
      "Blend with phi"),
