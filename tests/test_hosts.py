@@ -158,6 +158,16 @@ def test_every_notebook_has_the_same_setup_cell_and_agrees_with_the_readme():
             assert mention == owner_name
 
 
+def test_the_setup_cell_shows_as_one_line_where_the_host_allows():
+    """Colab's form view shows only the `# @title` line; JupyterLab and VS Code collapse the input."""
+    for nb in NOTEBOOKS:
+        cell = json.loads(nb.read_text())["cells"][1]
+        first = "".join(cell["source"]).splitlines()[0]
+        assert first.startswith("# @title Setup"), f"{nb.name}: the setup cell's first line is {first!r}"
+        assert cell["metadata"].get("cellView") == "form", f"{nb.name}: no Colab form view"
+        assert cell["metadata"].get("jupyter", {}).get("source_hidden") is True, f"{nb.name}: input not collapsed"
+
+
 # -- requirements -----------------------------------------------------------------------------------
 
 def requirements(name):
