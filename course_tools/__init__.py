@@ -9,10 +9,12 @@ except by the module's `if __name__ == "__main__"` entry, which runs the command
     course_tools.pictures   PNG grids and GIFs for the command line
     course_tools.dataset    your own images as a dataset (make-dataset)
     course_tools.exercises  the notebooks' exercise checkers
+    course_tools.health     notebook 3's "is my run healthy?": the loss per noise level against the course's runs
     course_tools.colab      the notebooks' Colab setup: install only the requirements Colab lacks
     course_tools.cli        `python diffusion_utilities.py train|sample|export|train-classifier|evaluate|make-dataset`
 
 Names the notebooks may use: metrics.load_classifier and metrics.classifier_outputs (the judge),
-manifest.read_manifest, training.plan_steps and hardware.use_fast_settings (notebook 3), the exercises'
+metrics.frechet_distance and metrics.real_split (sprite-FID's floor), manifest.read_manifest,
+training.plan_steps, hardware.use_fast_settings and health.check_run_health (notebook 3), the exercises'
 check_* functions, colab.install_missing (the setup cell).
 """
