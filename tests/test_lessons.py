@@ -19,6 +19,7 @@ import diffusion_utilities as du
 ROOT = Path(du.__file__).resolve().parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 METRICS = json.loads((ROOT / "weights" / "metrics.json").read_text())
+UNGUIDED = next(r for r in METRICS["guidance"] if r["guide_w"] == 0 and not r.get("guide_interval"))
 
 
 def cells(path):
@@ -61,6 +62,8 @@ FACTS = {
         r"(?:a closely related target, )?(\$v\$|v\b|\$?\\epsilon\$?|the noise|noise|a mix of noise and image)",
         "prose", "$v$"),
     "an untrained network's plain noise error": (r"plain noise error[^.]{0,60}?about (\d)", "prose", "1"),
+    "the share recognised without guidance": (r"(\d+)% without guidance", "prose",
+                                              f"{round(100 * UNGUIDED['balanced_accuracy'])}"),
 }
 
 
