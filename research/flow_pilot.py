@@ -1,0 +1,146 @@
+"""A pilot for notebook 8 (issue 24): flow matching against diffusion in notebook 3's wait, at 5, 10 and 25 calls.
+
+    python -m research.flow_pilot --steps 420 --seed 0
+
+Three runs of notebook 3's recipe, the same network (n_feat 32), batches, optimiser, learning-rate schedule and
+moving average, for the same number of steps (so the same wall-clock: the objective costs nothing extra):
+- diffusion: notebook 3's loss (v target, Min-SNR-5, notebook 1's schedule), sampled with deterministic DDIM;
+- flow, uniform s: rectified flow / flow matching, x_s = (1 - s) x0 + s eps with s ~ U(0, 1), the network given
+  s and trained on the velocity u = eps - x0 (plain MSE), sampled with Euler's method from s = 1 to 0;
+- flow, logit-normal s: the same with s = sigmoid(N(0, 1)), the time sampling SD3 found best (Esser et al. 2024).
+Each is judged as notebook 3 judges: guided (w = 2) accuracy on 200 samples (40 per class), and sprite-FID of
+unguided samples at n = 500 against real sprites (floor 1.15 at this n), at 5, 10 and 25 network calls.
+The flow loss and the Euler sampler are written out here for the pilot; notebook 8 will teach them in the
+module. Run it alone: other torch work slows training. Writes research/flow_pilot.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import diffusion_utilities as du
+from course_tools.hardware import describe_device, use_fast_settings
+from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier, real_sets
+
+OUT = du.ROOT / "research" / "flow_pilot.json"
+CALLS = (5, 10, 25)
+
+
+def flow_targets(x, time_sampling, generator):
+    """(x_s, s, u) for a batch of clean sprites x: the straight path and its velocity."""
+    B = x.shape[0]
+    if time_sampling == "uniform":
+        s = torch.rand(B, generator=generator)
+    else:  # logit-normal(0, 1)
+        s = torch.sigmoid(torch.randn(B, generator=generator))
+    eps = torch.randn(x.shape, generator=generator)
+    s4 = s.view(-1, 1, 1, 1)
+    return (1 - s4) * x + s4 * eps, s, eps - x
+
+
+def train_flow(images, labels, *, steps, seed, time_sampling, lr=2e-3, drop_prob=0.1):
+    """Notebook 3's loop (du.train's batch, step, moving average) with the flow objective instead."""
+    torch.manual_seed(seed)
+    model = du.ContextUnet(n_feat=32)
+    use_fast_settings(model, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    batches = du.sprite_batches(images, labels, batch_size=128, class_balance=0.0, generator=gen)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    ema, history, start = du.EMA(model), [], time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = du.lr_at(step, steps, lr, 5e-5, min(50, steps // 5))
+        x, c = next(batches)
+        x_s, s, u = flow_targets(x, time_sampling, gen)
+        keep = (torch.rand(len(x), generator=gen) >= drop_prob).float()
+        model.train()
+        loss = F.mse_loss(model(x_s, s, c * keep[:, None]).float(), u)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        history.append(loss.item())
+    return ema.model, history, time.perf_counter() - start
+
+
+@torch.no_grad()
+def sample_flow(model, classes, *, n_steps, guide_w, seed):
+    """Euler's method on the learned velocity, from pure noise at s = 1 to s = 0, with guidance."""
+    model.eval()
+    c = du.one_hot(torch.as_tensor(classes))
+    x = torch.randn(len(classes), 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    grid = torch.linspace(1, 0, n_steps + 1)
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        ss = torch.full((len(x),), float(s))
+        if guide_w == 0:
+            u = model(x, ss, c).float()
+        else:
+            both = model(torch.cat([x, x]), torch.cat([ss, ss]), torch.cat([c, torch.zeros_like(c)])).float()
+            u = (1 + guide_w) * both[:len(x)] - guide_w * both[len(x):]
+        x = x + (s_next - s) * u
+    return x
+
+
+def train_diffusion(images, labels, *, steps, seed):
+    """Notebook 3's training cell, as research.health_reference runs it."""
+    from research.health_reference import notebook_run
+    model, schedule, history, seconds = notebook_run(images, labels, steps=steps, seed=seed)
+    return model, schedule, history, seconds
+
+
+def judge(sample, classifier, real_ref, real_labels, n_classes):
+    """Notebook 3's guided accuracy (200 samples, w = 2) and unguided sprite-FID at n = len(real_labels)."""
+    asked = np.repeat(np.arange(n_classes), 40)
+    _, pred = classifier_outputs(classifier, sample(asked, guide_w=2.0, seed=1))
+    accuracy = float(np.mean([(pred[asked == k] == k).mean() for k in range(n_classes)]))
+    features, _ = classifier_outputs(classifier, sample(real_labels, guide_w=0.0, seed=0))
+    return {"guided_accuracy": accuracy, "fid": frechet_distance(features, real_ref)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=420)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=500, help="samples for the FID (and real sprites in each set)")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the rows go (default research/flow_pilot.json)")
+    args = ap.parse_args(argv)
+    images, labels, names = du.load_sprites()
+    classifier = load_classifier("cpu")
+    real_ref, real_other, real_labels = real_sets(classifier, images, labels, args.n, seed=0)
+    rows = [{"run": "floor", "fid": frechet_distance(real_other, real_ref)}]
+
+    model, schedule, history, seconds = train_diffusion(images, labels, steps=args.steps, seed=args.seed)
+    for calls in CALLS:
+        def sample(classes, guide_w, seed, calls=calls):
+            return du.sample_ddim(model, len(classes), schedule, n_steps=calls, context=torch.as_tensor(classes),
+                                  guide_w=guide_w, generator=torch.Generator().manual_seed(seed))[0]
+        rows.append({"run": "diffusion (v, Min-SNR-5), DDIM", "calls": calls, "train_seconds": round(seconds, 1),
+                     "final_loss": float(np.mean(history[-10:])),
+                     **judge(sample, classifier, real_ref, real_labels, len(names))})
+        print(json.dumps(rows[-1]), flush=True)
+    for time_sampling in ("uniform", "logit-normal"):
+        model, history, seconds = train_flow(images, labels, steps=args.steps, seed=args.seed,
+                                             time_sampling=time_sampling)
+        for calls in CALLS:
+            def sample(classes, guide_w, seed, calls=calls):
+                return sample_flow(model, classes, n_steps=calls, guide_w=guide_w, seed=seed)
+            rows.append({"run": f"flow, {time_sampling} s, Euler", "calls": calls, "train_seconds": round(seconds, 1),
+                         "final_loss": float(np.mean(history[-10:])),
+                         **judge(sample, classifier, real_ref, real_labels, len(names))})
+            print(json.dumps(rows[-1]), flush=True)
+    out = {"command": "python -m research.flow_pilot " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "hardware": describe_device("cpu"), "steps": args.steps, "seed": args.seed, "n": args.n, "rows": rows}
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
