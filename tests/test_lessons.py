@@ -10,6 +10,7 @@
 """
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def test_every_registered_fact_has_one_value_across_the_course():
 
 
 def test_a_contradiction_between_two_notebooks_is_caught(monkeypatch):
-    monkeypatch.setattr(__import__(__name__), "prose", lambda: [
+    monkeypatch.setattr(sys.modules[__name__], "prose", lambda: [
         ("a", "The judge is right on 96% of held-out real sprites."),
         ("b", "Our judge is right on 95% of them.")])
     facts = {"judge": FACTS["the judge's accuracy on held-out real sprites"]}
@@ -189,5 +190,5 @@ def test_predictions_are_answered_by_a_static_output(nb):
 def test_an_early_use_without_a_pointer_is_caught(monkeypatch):
     md = [(1, 0, "Forward noising."), (1, 5, "Then DDIM samples it."), (4, 3, "DDIM comes in notebook 6."),
           (6, 4, "DDIM (Song et al. 2020) builds a family.")]
-    monkeypatch.setattr(__import__(__name__), "course_markdown", lambda: md)
+    monkeypatch.setattr(sys.modules[__name__], "course_markdown", lambda: md)
     assert early_uses("DDIM") == ["notebook 1 cell 5: Then DDIM samples it."]
