@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import diffusion_utilities as du
 from course_tools.hardware import describe_device, use_fast_settings
 from course_tools.metrics import classifier_outputs, frechet_distance, load_classifier, real_sets
+from research.health_reference import notebook_run
 
 OUT = du.ROOT / "research" / "flow_pilot.json"
 CALLS = (5, 10, 25)
@@ -89,13 +90,6 @@ def sample_flow(model, classes, *, n_steps, guide_w, seed):
     return x
 
 
-def train_diffusion(images, labels, *, steps, seed):
-    """Notebook 3's training cell, as research.health_reference runs it."""
-    from research.health_reference import notebook_run
-    model, schedule, history, seconds = notebook_run(images, labels, steps=steps, seed=seed)
-    return model, schedule, history, seconds
-
-
 def judge(sample, classifier, real_ref, real_labels, n_classes):
     """Notebook 3's guided accuracy (200 samples, w = 2) and unguided sprite-FID at n = len(real_labels)."""
     asked = np.repeat(np.arange(n_classes), 40)
@@ -117,7 +111,7 @@ def main(argv=None):
     real_ref, real_other, real_labels = real_sets(classifier, images, labels, args.n, seed=0)
     rows = [{"run": "floor", "fid": frechet_distance(real_other, real_ref)}]
 
-    model, schedule, history, seconds = train_diffusion(images, labels, steps=args.steps, seed=args.seed)
+    model, schedule, history, seconds = notebook_run(images, labels, steps=args.steps, seed=args.seed)  # notebook 3's
     for calls in CALLS:
         def sample(classes, guide_w, seed, calls=calls):
             return du.sample_ddim(model, len(classes), schedule, n_steps=calls, context=torch.as_tensor(classes),
