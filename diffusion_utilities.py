@@ -324,8 +324,8 @@ class ContextUnet(nn.Module):
         super().__init__()
         if height % 4 != 0 or height < 4:
             raise ValueError(f"height must be a positive multiple of 4 (the U-Net halves it twice), got {height}")
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' (noise) or 'v' (velocity), got {prediction!r}")
+        if prediction not in ("eps", "v", "u"):
+            raise ValueError(f"prediction must be 'eps' (noise), 'v' (velocity) or 'u' (flow velocity), got {prediction!r}")
         self.in_channels, self.n_feat, self.n_cfeat, self.height = in_channels, n_feat, n_cfeat, height
         self.prediction, self.autocast_dtype = prediction, None
         self.settings = {"in_channels": in_channels, "n_feat": n_feat, "n_cfeat": n_cfeat, "height": height,
@@ -454,11 +454,11 @@ def diffusion_loss(model, x, c, schedule, *, drop_prob=0.1, snr_gamma=None, t_pr
     return (weight * per_image).mean()
 
 
-def train_step(model, optimizer, x, c, schedule, **loss_options):
-    """One optimiser step on one batch; returns the loss as a float. loss_options go to diffusion_loss
-    (drop_prob, snr_gamma, t_probs, generator)."""
+def train_step(model, optimizer, x, c, schedule, *, loss_fn=None, **loss_options):
+    """One optimiser step on one batch; returns the loss as a float. loss_fn: diffusion_loss when None, or
+    flow_loss (notebook 8); loss_options go to it (drop_prob, snr_gamma, t_probs, generator, ...)."""
     model.train()
-    loss = diffusion_loss(model, x, c, schedule, **loss_options)
+    loss = (loss_fn or diffusion_loss)(model, x, c, schedule, **loss_options)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -545,7 +545,7 @@ def train(model, batches, schedule, *, steps, lr=1e-3, lr_min=5e-5, warmup=200, 
     model: a ContextUnet on its device; batches: an iterator of (x, c), e.g. sprite_batches(...);
     steps: the run's length. The learning rate warms up over `warmup` steps, then decays (lr_at).
     ema: an EMA of model (made here when None); optimizer: Adam at lr when None.
-    loss_options go to diffusion_loss (drop_prob, snr_gamma, t_probs, generator).
+    loss_options go to train_step: loss_fn (flow_loss trains a flow model, notebook 8) and the loss's options.
     callback(step, loss) runs after every step (a live plot, a checkpoint); returning False stops the run.
     start: the step to begin at (a resumed run goes on with its learning-rate schedule).
     Returns (ema, losses): the moving average (its .model is what we sample) and every step's loss.
@@ -669,6 +669,9 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_int
     network predicts (v for a v-model, as in the paper), before the conversion to eps.
     """
     _check_images(x)
+    if getattr(model, "prediction", "eps") == "u":
+        raise ValueError("this is a flow-matching model (prediction='u'): it predicts a velocity, not noise; "
+                         "sample it with du.sample_flow (notebook 8)")
     if not isinstance(t, (int, np.integer)) or not 0 <= t <= schedule.T:
         raise ValueError(f"t must be an integer step in 0..{schedule.T}, got {t!r}")
     low, high = _check_guide_interval(guide_interval, schedule.T) or (0, schedule.T)
@@ -923,6 +926,157 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
             x0_prev = x0
             frames.append(x.cpu().numpy())
     return x, np.stack(frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 8. Flow matching: the same family of paths, and Euler's method on the straight one
+# ---------------------------------------------------------------------------------------------
+
+PREDICTIONS = ("eps", "x0", "v", "u")
+
+
+def convert_prediction(pred, x_t, alpha, sigma, *, source, target):
+    """Turn one kind of prediction into another at the state x_t = alpha x0 + sigma eps of any path.
+
+    Kinds: "eps" (the noise), "x0" (the clean image), "v" = alpha eps - sigma x0 (Salimans & Ho 2022) and
+    "u" = eps - x0, the velocity d x_s / d s along the straight path (x_s = (1 - s) x0 + s eps; Lipman et al.
+    2023, Liu et al. 2023). pred, x_t: (B, C, H, W); alpha, sigma: floats or tensors that broadcast to them.
+    Each row solves the two linear equations "x_t = alpha x0 + sigma eps" and "pred = its definition" for
+    (x0, eps); the target is then built from them. Exact for every (alpha, sigma) where the row's
+    divisor is not 0 (alpha for eps, sigma for x0).
+    """
+    for name, kind in (("source", source), ("target", target)):
+        if kind not in PREDICTIONS:
+            raise ValueError(f"{name} must be one of {PREDICTIONS}, got {kind!r}")
+    if source == "eps":
+        eps, x0 = pred, (x_t - sigma * pred) / alpha
+    elif source == "x0":
+        eps, x0 = (x_t - alpha * pred) / sigma, pred
+    elif source == "v":
+        norm = alpha ** 2 + sigma ** 2
+        eps, x0 = (sigma * x_t + alpha * pred) / norm, (alpha * x_t - sigma * pred) / norm
+    else:
+        eps, x0 = (x_t + alpha * pred) / (alpha + sigma), (x_t - sigma * pred) / (alpha + sigma)
+    return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "u": eps - x0}[target]
+
+
+def flow_time(t, schedule):
+    """Where DDPM's step t lies on the straight path: (s, scale) on the CPU, 0-dim for an int t, (B,) for a tensor.
+
+    With alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t): scale = alpha + sigma and s = sigma / scale. Dividing
+    by the scale puts DDPM's state on the straight path: x_t / scale = (1 - s) x0 + s eps, exactly, since
+    alpha / scale = 1 - s. s runs from 0 (t = 0) to just under 1 (the shipped model's x_T sits at 0.996).
+    """
+    t = torch.as_tensor(t).cpu()
+    if t.is_floating_point() or bool(((t < 0) | (t > schedule.T)).any()):
+        raise ValueError(f"t must be integer steps in 0..{schedule.T}, got {t.tolist()}")
+    ab = schedule.ab_t.detach().cpu().double()[t]  # float64 on the CPU only (Apple's GPUs have none)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    return (sigma / (alpha + sigma)).float(), (alpha + sigma).float()
+
+
+def flow_loss(model, x, c, schedule=None, *, drop_prob=0.1, time_sampling="logit-normal", generator=None):
+    """Flow matching's training objective on one batch (rectified flow: Liu et al. 2023; Lipman et al. 2023).
+
+    x_s = (1 - s) x0 + s eps for one s in (0, 1) per image, and the network, given s where a diffusion model
+    gets t / T, learns the path's velocity u = d x_s / d s = eps - x0 (plain MSE). Contexts are dropped with
+    probability drop_prob, as in diffusion_loss. time_sampling: "uniform", or "logit-normal" (s =
+    sigmoid(N(0, 1)): more training in the middle of the path, where the velocity is hardest to guess; SD3's
+    choice, Esser et al. 2024). schedule is unused (the straight path needs none): it is there so that
+    train() can call either loss the same way. x: (B, C, H, W) in [-1, 1].
+    """
+    _check_images(x)
+    if time_sampling not in ("uniform", "logit-normal"):
+        raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {time_sampling!r}")
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob}")
+    B, device = x.shape[0], x.device
+    draw_on = generator.device if generator is not None else device
+    draw = torch.rand if time_sampling == "uniform" else torch.randn
+    s = draw(B, device=draw_on, generator=generator)
+    s = (s if time_sampling == "uniform" else torch.sigmoid(s)).to(device, x.dtype)
+    eps = torch.randn(x.shape, device=draw_on, generator=generator, dtype=x.dtype).to(device)
+    x_s = (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * eps
+    if c is not None:
+        c = c * (torch.rand(B, device=draw_on, generator=generator) >= drop_prob).to(device, c.dtype)[:, None]
+    return F.mse_loss(model(x_s, s, c).float(), (eps - x).float())
+
+
+def euler_step(z, s, s_next, u):
+    """One step of Euler's method along the path, from s to s_next < s: z + (s_next - s) * u. z, u: (B, C, H, W)."""
+    if u.shape != z.shape:
+        raise ValueError(f"u must have the shape of z, {tuple(z.shape)}, got {tuple(u.shape)}")
+    if not 0 <= s_next < s <= 1:
+        raise ValueError(f"need 0 <= s_next < s <= 1 (sampling runs from noise at s = 1 to data at 0), got {s} -> {s_next}")
+    return z + (s_next - s) * u
+
+
+def predict_velocity(model, z, s, schedule=None, context=None, guide_w=0.0):
+    """The velocity u = eps - x0 at the point z of the straight path, with classifier-free guidance.
+
+    A flow model (prediction="u") gives it directly at s. A diffusion model needs the integer step t whose
+    flow time is s (pass s as that int t and the schedule): it sees x_t = scale * z, and its noise estimate
+    is converted with alpha = sqrt(ab_t) and sigma = sqrt(1 - ab_t). Guidance is linear in both cases.
+    """
+    if getattr(model, "prediction", "eps") == "u":
+        ss = torch.full((z.shape[0],), float(s), device=z.device, dtype=z.dtype)
+        if guide_w == 0:
+            return model(z, ss, context).float()
+        both = model(torch.cat([z, z]), torch.cat([ss, ss]), torch.cat([context, torch.zeros_like(context)])).float()
+        return (1 + guide_w) * both[:len(z)] - guide_w * both[len(z):]
+    if schedule is None:
+        raise ValueError("a diffusion model (prediction 'eps' or 'v') needs its schedule, and s as its step t")
+    scale = flow_time(s, schedule)[1].to(z.device)
+    ab = schedule.ab_t[s].to(z.device)
+    eps = predict_noise(model, scale * z, s, schedule, context, guide_w)
+    return convert_prediction(eps, scale * z, ab.sqrt(), (1 - ab).sqrt(), source="eps", target="u")
+
+
+@torch.no_grad()
+def sample_flow(model, n_sample, schedule=None, *, n_steps=10, context=None, guide_w=0.0, generator=None,
+                x_T=None, progress=False):
+    """Generate n_sample images with Euler's method on the velocity, in n_steps network calls.
+
+    A flow model (prediction="u") runs from noise at s = 1 to s = 0 on an even grid in s. A diffusion model
+    with its schedule runs on DDIM's grid (ddim_timesteps) mapped to flow time (flow_time), from
+    z = x_T / scale_T: step for step the same arithmetic as deterministic DDIM (notebook 8 shows it).
+    Returns (samples, intermediates, s_grid): intermediates are the n_steps + 1 states z on the straight
+    path, s_grid their n_steps + 1 flow times. Options as in sample_ddim.
+    """
+    from tqdm.auto import tqdm
+
+    flow = getattr(model, "prediction", "eps") == "u"
+    if not flow and schedule is None:
+        raise ValueError("a diffusion model (prediction 'eps' or 'v') is sampled on its schedule: pass it")
+    _check_n_steps(n_steps, 10 ** 6 if flow else schedule.T)
+    times = torch.linspace(1, 0, n_steps + 1).tolist() if flow else ddim_timesteps(schedule.T, n_steps)
+    grid = times if flow else flow_time(torch.tensor(times), schedule)[0].tolist()
+    schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
+    z = x if flow else x / flow_time(schedule.T, schedule)[1].to(x.device)
+    frames = [z.cpu().numpy()]
+    with _EvalMode(model):
+        for k in tqdm(range(n_steps), disable=not progress, desc="Euler"):
+            u = predict_velocity(model, z, times[k], schedule, context, guide_w)
+            z = euler_step(z, grid[k], grid[k + 1], u)
+            frames.append(z.cpu().numpy())
+    return z, np.stack(frames), np.array(grid)
+
+
+def straightness(frames, s_grid):
+    """How far a sampling trajectory bends: 0 for a straight line, larger when it curves (Liu et al. 2023).
+
+    frames: (K + 1, B, C, H, W) states along the path, s_grid: their K + 1 flow times (sample_flow's). Each
+    step's velocity (z_{k+1} - z_k) / (s_{k+1} - s_k) is compared with the chord's, (z_K - z_0) / (s_K - s_0):
+    the mean over steps (weighted by their length in s) of |step - chord|^2, divided by |chord|^2. One value
+    per sample, shape (B,).
+    """
+    z, s = torch.as_tensor(np.asarray(frames), dtype=torch.float64), torch.as_tensor(np.asarray(s_grid), dtype=torch.float64)
+    if z.dim() != 5 or len(s) != len(z) or len(z) < 2:
+        raise ValueError(f"need frames (K + 1, B, C, H, W) and K + 1 flow times, got {tuple(z.shape)} and {len(s)}")
+    ds = torch.diff(s).view(-1, 1, 1, 1, 1)
+    steps, chord = torch.diff(z, dim=0) / ds, (z[-1] - z[0]) / (s[-1] - s[0])
+    bend = ((steps - chord) ** 2).sum(dim=(2, 3, 4)) * ds.view(-1, 1).abs() / (s[-1] - s[0]).abs()
+    return (bend.sum(0) / (chord ** 2).sum(dim=(1, 2, 3))).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1254,7 +1408,7 @@ def _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T=
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape} (n_sample, channels, height, width), got {tuple(x_T.shape)}")
         x = x_T.detach().float().to(device)
-    return schedule.to(device), context, x
+    return (schedule.to(device) if schedule is not None else None), context, x
 
 
 def _check_inpainting(x_known, mask, model):

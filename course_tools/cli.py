@@ -44,16 +44,19 @@ from diffusion_utilities import (
     read_weights,
     sample_ddim,
     sample_ddpm,
+    sample_flow,
     to_tensor_images,
 )
 
 
 def _cmd_train(args):
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    flow = args.objective == "flow"  # flow matching (notebook 8): velocity target, logit-normal s by default
+    config = TrainConfig(steps=args.steps, objective=args.objective, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          warmup=args.warmup, drop_prob=args.drop_prob, ema_decay=args.ema_decay,
                          ema_warmup=args.ema_warmup, n_feat=args.n_feat, norm=args.norm,
-                         prediction=args.prediction, zero_init=args.zero_init, snr_gamma=args.snr_gamma or None,
-                         t_sampling=args.t_sampling, input_perturbation=args.input_perturbation,
+                         prediction="u" if flow else args.prediction, zero_init=args.zero_init,
+                         snr_gamma=None if flow else (args.snr_gamma or None),
+                         t_sampling=args.t_sampling or ("logit-normal" if flow else "uniform"), input_perturbation=args.input_perturbation,
                          class_balance=args.class_balance,
                          snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every,
                          terminal_signal=args.terminal_signal)
@@ -89,7 +92,13 @@ def _cmd_sample(args):
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(context=labels, guide_w=args.guide_w, generator=gen, progress=True,
                   guide_interval=args.guide_interval and tuple(args.guide_interval), guide_rescale=args.guide_rescale)
-    if args.sampler == "ddpm":
+    if model.prediction == "u":  # a flow model (notebook 8): Euler's method, guidance as usual
+        if args.sampler == "ddpm" or args.eta or args.guide_interval or args.guide_rescale:
+            raise SystemExit("sample: a flow model is sampled with Euler's method, --steps calls; it takes no "
+                             "--sampler ddpm, --eta, --guide-interval or --guide-rescale")
+        x, frames, _ = sample_flow(model, len(labels), n_steps=args.steps or 25, context=labels, guide_w=args.guide_w,
+                                   generator=gen, progress=True)
+    elif args.sampler == "ddpm":
         x, frames = sample_ddpm(model, len(labels), schedule, **common)
     else:
         x, frames = sample_ddim(model, len(labels), schedule, n_steps=args.steps or 25, eta=args.eta, **common)
@@ -362,7 +371,11 @@ def main(argv=None):
     tr.add_argument("--zero-init", action="store_true", help="start the output conv at zero")
     tr.add_argument("--snr-gamma", type=float, default=5.0,
                     help="Min-SNR-gamma loss weighting; 0 turns it off (plain MSE)")
-    tr.add_argument("--t-sampling", choices=["uniform", "lognormal"], default="uniform")
+    tr.add_argument("--objective", choices=["diffusion", "flow"], default="diffusion",
+                    help="diffusion (notebook 3) or flow matching (notebook 8: predicts the velocity eps - x0)")
+    tr.add_argument("--t-sampling", choices=["uniform", "lognormal", "logit-normal"], default=None,
+                    help="how training draws t: uniform (diffusion's default) or lognormal; for --objective flow, "
+                         "uniform or logit-normal (its default)")
     tr.add_argument("--input-perturbation", type=float, default=0.0)
     tr.add_argument("--terminal-signal", type=float, default=None,
                     help="rescale the schedule so that sqrt(ab_T) is this (e.g. 0.004; the course's leaves 0.079)")
@@ -384,7 +397,8 @@ def main(argv=None):
                     help="class names or ids, one row each (default: every class the model knows)")
     sa.add_argument("--per-class", type=int, default=8)
     sa.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    sa.add_argument("--steps", type=int, default=None, help="DDIM steps (1..500, default 25)")
+    sa.add_argument("--steps", type=int, default=None, help="DDIM steps (1..500, default 25), or a flow model's "
+                    "Euler steps")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     sa.add_argument("--guide-w", type=float, default=2.0, help="classifier-free guidance weight")
     sa.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),

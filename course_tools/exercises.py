@@ -411,3 +411,59 @@ def check_invert_step(fn):
     return _judge("invert_step", fn, lambda f: tuple(f(x, tp, t, eps, s) for tp, t in pairs), want, mistakes,
                   invert_step)
 
+
+
+# -- notebook 8 -------------------------------------------------------------------------------------
+
+def flow_target(x0, eps, s):
+    """The course's answer: the straight path's point x_s = (1 - s) x0 + s eps and its velocity u = eps - x0."""
+    s = s.view(-1, 1, 1, 1)
+    return (1 - s) * x0 + s * eps, eps - x0
+
+
+def check_flow_target(fn):
+    """fn(x0, eps, s) -> (x_s, u): x0, eps (B, C, H, W), s (B,) in [0, 1]; s = 1 is pure noise."""
+    x0, eps = _seeded(4, 3, 16, 16).clamp(-1, 1), _seeded(4, 3, 16, 16, seed=1)
+    s = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    x_s, u = flow_target(x0, eps, s)
+    backwards = flow_target(eps, x0, s)[0]  # the path started at the noise: s x0 + (1 - s) eps
+    mistakes = [
+        ("The velocity has the wrong sign: u = d x_s / d s = eps - x0 (noise minus image), since x_s moves "
+         "towards the noise as s grows.", (x_s, -u)),
+        ("alpha and sigma are swapped: the image gets alpha = 1 - s and the noise sigma = s.", (backwards, u)),
+        ("Time runs the wrong way: in the course (and SD3, diffusers) s = 1 is the noise and s = 0 the image. "
+         "Your path starts at the noise, as in the rectified-flow paper, whose velocity is x0 - eps.", (backwards, -u)),
+    ]
+    return _judge("flow_target", fn, lambda f: f(x0, eps, s), (x_s, u), mistakes, flow_target,
+                  shape_hint="Shape s to (B, 1, 1, 1) so each image gets its own time: s.view(-1, 1, 1, 1).")
+
+
+def ddpm_to_flow(v_hat, x_t, t, schedule):
+    """The course's answer: a v-model's output at DDPM's x_t, as a point z, time s and velocity u of the straight path."""
+    ab = schedule.ab_t[t].view(-1, 1, 1, 1)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    eps, x0 = alpha * v_hat + sigma * x_t, alpha * x_t - sigma * v_hat  # alpha^2 + sigma^2 = 1 on DDPM's path
+    return x_t / (alpha + sigma), (sigma / (alpha + sigma)).view(-1), eps - x0
+
+
+def check_ddpm_to_flow(fn):
+    """fn(v_hat, x_t, t, schedule) -> (z, s, u): z (B, C, H, W), s (B,), u (B, C, H, W); t a LongTensor (B,)."""
+    sched = du.make_schedule(500, terminal_signal=0.004)
+    v_hat, x_t = _seeded(4, 3, 16, 16), _seeded(4, 3, 16, 16, seed=1)
+    t = torch.tensor([5, 100, 300, 500])
+    z, s, u = ddpm_to_flow(v_hat, x_t, t, sched)
+    ab = sched.ab_t[t].view(-1, 1, 1, 1)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    v_as_eps = v_hat - (x_t - sigma * v_hat) / alpha  # the output read as if it were the noise
+    mistakes = [
+        ("The flow time is not t / T: s = sigma / (alpha + sigma), with alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t).",
+         (z, t.float() / sched.T, u)),
+        ("Rescale the state too: z = x_t / (alpha + sigma) lies on the straight path, x_t itself does not.",
+         (x_t, s, u)),
+        ("eps and x0 are swapped: the velocity is eps - x0 (noise minus image); check which of your two "
+         "estimates is the noise.", (z, s, -u)),
+        ("The shipped model predicts v, not the noise: recover eps = alpha v + sigma x_t and "
+         "x0 = alpha x_t - sigma v first.", (z, s, v_as_eps)),
+    ]
+    return _judge("ddpm_to_flow", fn, lambda f: f(v_hat, x_t, t, sched), (z, s, u), mistakes, ddpm_to_flow,
+                  shape_hint="Shape ab_t[t] to (B, 1, 1, 1) for the images, and return s with shape (B,).")

@@ -25,6 +25,7 @@ from diffusion_utilities import (
     sample_ddim,
     sample_ddpm,
     sample_dpm_solver,
+    sample_flow,
     to_display,
     to_tensor_images,
 )
@@ -189,11 +190,14 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
              batch_size=250, amp_dtype=None, progress=True, guide_interval=None, guide_rescale=0.0):
     """Samples for the given class ids (N,), in batches: (images (N, 3, H, W) on the CPU, seconds).
 
-    sampler: "ddpm" (T steps), "ddim" or "dpm-solver" (n_steps network calls each);
+    sampler: "ddpm" (T steps), "ddim", "dpm-solver" or "euler" (sample_flow: a flow model, schedule None, or a
+    diffusion model on its schedule), n_steps network calls each;
     guide_interval (the steps (low, high) where guidance acts) and guide_rescale as in predict_noise;
     amp_dtype: the network's autocast dtype while sampling (None: fp32), see ContextUnet.autocast_dtype."""
     from tqdm.auto import tqdm
 
+    if sampler == "euler" and (guide_interval is not None or guide_rescale):
+        raise ValueError("the Euler sampler (sample_flow) takes no guide_interval or guide_rescale")
     labels = torch.as_tensor(labels).long()
     gen = torch.Generator().manual_seed(seed)
     out, t0 = [], time.time()
@@ -207,6 +211,9 @@ def generate(model, schedule, labels, sampler="ddim", n_steps=25, eta=0.0, guide
                 x, _ = sample_ddpm(model, len(lab), schedule, save_rate=schedule.T, **common)
             elif sampler == "dpm-solver":
                 x, _ = sample_dpm_solver(model, len(lab), schedule, n_steps=n_steps, **common)
+            elif sampler == "euler":
+                x, _, _ = sample_flow(model, len(lab), schedule, n_steps=n_steps, context=lab, guide_w=guide_w,
+                                      generator=gen)
             else:
                 x, _ = sample_ddim(model, len(lab), schedule, n_steps=n_steps, eta=eta, **common)
         out.append(x.cpu())

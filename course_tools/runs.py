@@ -174,8 +174,9 @@ class RunState:
         ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         # Only the length may change on resume (to train longer or stop sooner); the learning-rate
         # schedule is then re-planned from the current step.
-        changed = [f"{k}={ck['config'].get(k)!r} in the checkpoint, now {v!r}"
-                   for k, v in self.config.__dict__.items() if k != "steps" and ck["config"].get(k) != v]
+        saved = {"objective": "diffusion", **ck["config"]}  # checkpoints from before notebook 8 name no objective
+        changed = [f"{k}={saved.get(k)!r} in the checkpoint, now {v!r}"
+                   for k, v in self.config.__dict__.items() if k != "steps" and saved.get(k) != v]
         if ck.get("data_sha256", self.data.digest) != self.data.digest:
             changed.append(f"--data: the checkpoint trained on {ck.get('data_path')}, now {self.data.path} "
                            "(different contents)")

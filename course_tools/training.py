@@ -45,6 +45,7 @@ class TrainConfig:
     Min-SNR-5 weighting each bought more than any other change at a fixed wall-clock budget).
     """
     steps: int = 3300
+    objective: str = "diffusion"
     batch_size: int = 128
     lr: float = 1e-3
     lr_min: float = 5e-5
@@ -90,7 +91,17 @@ class TrainConfig:
             bad("snr_gamma", "must be a finite number > 0, or None for no weighting")
         if self.warmup < 0 or self.ema_warmup < 1:
             bad("warmup" if self.warmup < 0 else "ema_warmup", "is out of range")
-        if self.t_sampling not in ("uniform", "lognormal"):
+        if self.objective not in ("diffusion", "flow"):
+            bad("objective", "must be 'diffusion' or 'flow'")
+        if self.objective == "flow":  # flow matching (notebook 8): a velocity network on the straight path
+            if self.prediction != "u" or self.snr_gamma is not None or self.input_perturbation or self.zero_init:
+                raise ValueError("--objective flow trains a velocity network (prediction 'u') with the plain flow "
+                                 "loss: it takes no --snr-gamma, --input-perturbation or --zero-init")
+            if self.t_sampling not in ("uniform", "logit-normal"):
+                bad("t_sampling", "must be 'uniform' or 'logit-normal' for --objective flow")
+        elif self.prediction not in ("eps", "v"):
+            bad("prediction", "must be 'eps' or 'v' for a diffusion model ('u' is --objective flow's)")
+        elif self.t_sampling not in ("uniform", "lognormal"):
             bad("t_sampling", "must be 'uniform' or 'lognormal'")
         try:
             du.make_schedule(self.timesteps, terminal_signal=self.terminal_signal)
@@ -98,7 +109,10 @@ class TrainConfig:
             bad("terminal_signal", str(err).split(";")[0].replace("terminal_signal ", ""))
 
     def schedule_args(self):
-        """make_schedule's arguments for this run; saved beside the weights, so samplers use the same."""
+        """make_schedule's arguments for this run; saved beside the weights, so samplers use the same.
+        A flow model has no noise schedule: {} (and nothing is saved)."""
+        if self.objective == "flow":
+            return {}
         args = {"timesteps": self.timesteps}
         if self.terminal_signal is not None:
             args["terminal_signal"] = self.terminal_signal
@@ -241,11 +255,15 @@ def _run(config, out_dir, data_path, resume, minutes, device, progress, callback
             run.save_checkpoint(network, ema, opt, all_generator_states(gen, world))
         return not stop
 
-    t_probs = None if config.t_sampling == "uniform" else timestep_probabilities(schedule, config.t_sampling)
+    if config.objective == "flow":
+        loss_options = {"loss_fn": du.flow_loss, "time_sampling": config.t_sampling}
+    else:
+        t_probs = None if config.t_sampling == "uniform" else timestep_probabilities(schedule, config.t_sampling)
+        loss_options = {"snr_gamma": config.snr_gamma, "t_probs": t_probs}
     du.train(stepped, data.batches(config, config.batch_size // world, gen, device, memory_format), schedule,
              steps=config.steps, lr=config.lr, lr_min=config.lr_min, warmup=config.warmup, ema=ema, optimizer=opt,
              start=run.step, callback=after_step, progress=progress and rank == 0, drop_prob=config.drop_prob,
-             snr_gamma=config.snr_gamma, t_probs=t_probs, generator=gen)
+             generator=gen, **loss_options)
     if run.step >= config.steps and rank == 0:
         save_atomic({**weights_payload(ema.model), "class_names": data.class_names, "schedule": config.schedule_args()},
                     out_dir / "ema.pt")

@@ -29,6 +29,18 @@ def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+class FlowView(torch.nn.Module):
+    """A diffusion network's weights seen as a flow model (prediction "u"): the velocity code paths, same shapes."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.prediction = net, "u"
+        self.in_channels, self.height, self.n_cfeat = net.in_channels, net.height, net.n_cfeat
+
+    def forward(self, x, t, c=None):
+        return self.net(x, t, c)
+
+
 def first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -65,13 +77,21 @@ CASES = {
     "augment_batch": lambda m, s, d: du.augment_batch(X0.to(d), generator=seeded()),
     "sprite_batches": lambda m, s, d: next(du.sprite_batches(*du.load_sprites()[:2], batch_size=8, generator=seeded(),
                                                              device=d))[0],
+    "sample_flow": lambda m, s, d: du.sample_flow(m, 4, s, n_steps=5, context=CTX, guide_w=2.0, generator=seeded()),
+    "predict_velocity": lambda m, s, d: du.sample_flow(FlowView(m), 4, n_steps=3, context=CTX, guide_w=1.0,
+                                                       generator=seeded()),  # a flow model: the velocity branch
+    "flow_loss": lambda m, s, d: du.flow_loss(FlowView(m), X0.to(d), du.one_hot(CTX).to(d), generator=seeded()),
+    "flow_time": lambda m, s, d: du.flow_time(torch.tensor([0, 10, 50]), s.to(d))[0],
+    "convert_prediction": lambda m, s, d: du.convert_prediction(X0.to(d), X0.flip(0).to(d), 0.6, 0.8, source="v",
+                                                                target="u"),
+    "euler_step": lambda m, s, d: du.euler_step(X0.to(d), 0.5, 0.25, X0.flip(0).to(d)),
 }
 # Public functions that hold no tensors of their own, or that the cases above and the tests below cover.
 ELSEWHERE = {
     "load_sprites", "find_data_file", "to_tensor_images", "one_hot", "get_device", "make_schedule", "make_norm",
     "count_parameters", "snr", "train_step", "lr_at", "class_sampling_weights", "train", "ddim_timesteps",
     "logsnr_timesteps", "show_images", "plot_sample", "animation_html", "read_weights", "load_model", "model_schedule",
-    "read_manifest", "checked_entry", "load_pretrained",
+    "read_manifest", "checked_entry", "load_pretrained", "straightness",
 }
 
 

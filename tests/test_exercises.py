@@ -117,6 +117,11 @@ WRONG = [
     ("ddim_sigma", ddpm_sigma_guess, "DDPM's noise for one step"),
     ("slerp", lambda a, b, t: (1 - t) * a + t * b, "straight line"),
     ("invert_step", lambda x, tp, t, e, s: du.denoise_ddim(x, t, tp, e, s), "forward DDIM step"),
+    ("flow_target", lambda x0, e, s: (exercises.flow_target(x0, e, s)[0], x0 - e), "wrong sign"),
+    ("flow_target", lambda x0, e, s: exercises.flow_target(e, x0, s), "Time runs the wrong way"),
+    ("ddpm_to_flow", lambda v, x, t, s: (x, *exercises.ddpm_to_flow(v, x, t, s)[1:]), "Rescale the state"),
+    ("ddpm_to_flow", lambda v, x, t, s: (*exercises.ddpm_to_flow(v, x, t, s)[:2], -exercises.ddpm_to_flow(v, x, t, s)[2]),
+     "eps and x0 are swapped"),
 ]
 
 
