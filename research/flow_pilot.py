@@ -2,16 +2,17 @@
 
     python -m research.flow_pilot --steps 420 --seed 0
 
-Three runs of notebook 3's recipe, the same network (n_feat 32), batches, optimiser, learning-rate schedule and
+Four runs of notebook 3's recipe, the same network (n_feat 32), batches, optimiser, learning-rate schedule and
 moving average, for the same number of steps (so the same wall-clock: the objective costs nothing extra):
 - diffusion: notebook 3's loss (v target, Min-SNR-5, notebook 1's schedule), sampled with deterministic DDIM;
+- the same with the shipped model's schedule (terminal signal 0.004: x_T holds almost none of the sprite);
 - flow, uniform s: rectified flow / flow matching, x_s = (1 - s) x0 + s eps with s ~ U(0, 1), the network given
   s and trained on the velocity u = eps - x0 (plain MSE), sampled with Euler's method from s = 1 to 0;
 - flow, logit-normal s: the same with s = sigmoid(N(0, 1)), the time sampling SD3 found best (Esser et al. 2024).
 Each is judged as notebook 3 judges: guided (w = 2) accuracy on 200 samples (40 per class), and sprite-FID of
 unguided samples at n = 500 against real sprites (floor 1.15 at this n), at 5, 10 and 25 network calls.
-The flow loss and the Euler sampler are written out here for the pilot; notebook 8 will teach them in the
-module. Run it alone: other torch work slows training. Writes research/flow_pilot.json (or --out).
+The flow loss and the Euler sampler are the module's (du.flow_loss, du.sample_flow), which notebook 8 teaches.
+Run it alone: other torch work slows training. Writes research/flow_pilot.json (or --out).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import diffusion_utilities as du
 from course_tools.hardware import describe_device, use_fast_settings
@@ -35,59 +35,24 @@ OUT = du.ROOT / "research" / "flow_pilot.json"
 CALLS = (5, 10, 25)
 
 
-def flow_targets(x, time_sampling, generator):
-    """(x_s, s, u) for a batch of clean sprites x: the straight path and its velocity."""
-    B = x.shape[0]
-    if time_sampling == "uniform":
-        s = torch.rand(B, generator=generator)
-    else:  # logit-normal(0, 1)
-        s = torch.sigmoid(torch.randn(B, generator=generator))
-    eps = torch.randn(x.shape, generator=generator)
-    s4 = s.view(-1, 1, 1, 1)
-    return (1 - s4) * x + s4 * eps, s, eps - x
-
-
-def train_flow(images, labels, *, steps, seed, time_sampling, lr=2e-3, drop_prob=0.1):
-    """Notebook 3's loop (du.train's batch, step, moving average) with the flow objective instead."""
+def train_flow(images, labels, *, steps, seed, time_sampling, lr=2e-3):
+    """Notebook 3's run (health_reference.notebook_run's network, batches, optimiser and schedule) with the flow
+    loss instead: du.train with loss_fn=du.flow_loss. Returns (the EMA model, every step's loss, seconds)."""
     torch.manual_seed(seed)
-    model = du.ContextUnet(n_feat=32)
+    model = du.ContextUnet(n_feat=32, prediction="u")
     use_fast_settings(model, "cpu")
     gen = torch.Generator().manual_seed(seed)
     batches = du.sprite_batches(images, labels, batch_size=128, class_balance=0.0, generator=gen)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    ema, history, start = du.EMA(model), [], time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = du.lr_at(step, steps, lr, 5e-5, min(50, steps // 5))
-        x, c = next(batches)
-        x_s, s, u = flow_targets(x, time_sampling, gen)
-        keep = (torch.rand(len(x), generator=gen) >= drop_prob).float()
-        model.train()
-        loss = F.mse_loss(model(x_s, s, c * keep[:, None]).float(), u)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema.update(model)
-        history.append(loss.item())
+    start = time.perf_counter()
+    ema, history = du.train(model, batches, None, steps=steps, warmup=min(50, steps // 5), progress=False, lr=lr,
+                            loss_fn=du.flow_loss, time_sampling=time_sampling, generator=gen)
     return ema.model, history, time.perf_counter() - start
 
 
-@torch.no_grad()
 def sample_flow(model, classes, *, n_steps, guide_w, seed):
-    """Euler's method on the learned velocity, from pure noise at s = 1 to s = 0, with guidance."""
-    model.eval()
-    c = du.one_hot(torch.as_tensor(classes))
-    x = torch.randn(len(classes), 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-    grid = torch.linspace(1, 0, n_steps + 1)
-    for s, s_next in zip(grid[:-1], grid[1:]):
-        ss = torch.full((len(x),), float(s))
-        if guide_w == 0:
-            u = model(x, ss, c).float()
-        else:
-            both = model(torch.cat([x, x]), torch.cat([ss, ss]), torch.cat([c, torch.zeros_like(c)])).float()
-            u = (1 + guide_w) * both[:len(x)] - guide_w * both[len(x):]
-        x = x + (s_next - s) * u
-    return x
+    """Euler's method on the learned velocity, from pure noise at s = 1 to s = 0, with guidance (du.sample_flow)."""
+    return du.sample_flow(model, len(classes), n_steps=n_steps, context=torch.as_tensor(classes), guide_w=guide_w,
+                          generator=torch.Generator().manual_seed(seed))[0]
 
 
 def judge(sample, classifier, real_ref, real_labels, n_classes):
@@ -111,15 +76,18 @@ def main(argv=None):
     real_ref, real_other, real_labels = real_sets(classifier, images, labels, args.n, seed=0)
     rows = [{"run": "floor", "fid": frechet_distance(real_other, real_ref)}]
 
-    model, schedule, history, seconds = notebook_run(images, labels, steps=args.steps, seed=args.seed)  # notebook 3's
-    for calls in CALLS:
-        def sample(classes, guide_w, seed, calls=calls):
-            return du.sample_ddim(model, len(classes), schedule, n_steps=calls, context=torch.as_tensor(classes),
-                                  guide_w=guide_w, generator=torch.Generator().manual_seed(seed))[0]
-        rows.append({"run": "diffusion (v, Min-SNR-5), DDIM", "calls": calls, "train_seconds": round(seconds, 1),
-                     "final_loss": float(np.mean(history[-10:])),
-                     **judge(sample, classifier, real_ref, real_labels, len(names))})
-        print(json.dumps(rows[-1]), flush=True)
+    for terminal_signal, label in [(None, "diffusion (v, Min-SNR-5), DDIM"),  # notebook 3's run exactly
+                                   (0.004, "diffusion (v, Min-SNR-5, terminal signal 0.004), DDIM")]:  # the shipped schedule
+        model, schedule, history, seconds = notebook_run(images, labels, steps=args.steps, seed=args.seed,
+                                                         terminal_signal=terminal_signal)
+        for calls in CALLS:
+            def sample(classes, guide_w, seed, calls=calls):
+                return du.sample_ddim(model, len(classes), schedule, n_steps=calls, context=torch.as_tensor(classes),
+                                      guide_w=guide_w, generator=torch.Generator().manual_seed(seed))[0]
+            rows.append({"run": label, "calls": calls, "train_seconds": round(seconds, 1),
+                         "final_loss": float(np.mean(history[-10:])),
+                         **judge(sample, classifier, real_ref, real_labels, len(names))})
+            print(json.dumps(rows[-1]), flush=True)
     for time_sampling in ("uniform", "logit-normal"):
         model, history, seconds = train_flow(images, labels, steps=args.steps, seed=args.seed,
                                              time_sampling=time_sampling)

@@ -38,9 +38,10 @@ def rescaled(batches, scale):
         yield ((x + 1) / 2 if scale == "0..1" else (x + 1) * 127.5), c
 
 
-def notebook_run(images, labels, *, steps, seed, lr=2e-3, scale=None, fp32=False):
-    """Notebook 3's training cell for `steps` steps: (the EMA model, every step's loss, seconds)."""
-    schedule = du.make_schedule(500)
+def notebook_run(images, labels, *, steps, seed, lr=2e-3, scale=None, fp32=False, terminal_signal=None):
+    """Notebook 3's training cell for `steps` steps: (the EMA model, its schedule, every step's loss, seconds).
+    terminal_signal: train on that schedule instead of notebook 1's (research/flow_pilot.py compares both)."""
+    schedule = du.make_schedule(500, terminal_signal=terminal_signal)
     torch.manual_seed(seed)
     model = du.ContextUnet(n_feat=32, prediction="v")
     if not fp32:
