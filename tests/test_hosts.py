@@ -141,7 +141,7 @@ def test_missing_requirements_never_upgrades(tmp_path):
 
 def test_every_notebook_has_the_same_setup_cell_and_agrees_with_the_readme():
     sources = {nb.name: cell_source(nb, 1) for nb in NOTEBOOKS}
-    assert len(set(sources.values())) == 1, "the seven setup cells differ"
+    assert len(set(sources.values())) == 1, "the setup cells differ"
     repo, branch = SETUP_LINE.search(setup_cell()).group("repo", "branch")
     assert sum(repo in line for line in setup_cell().splitlines()) == 1, "the URL lives in one line"
     owner_name = repo.removeprefix("https://github.com/")
