@@ -51,12 +51,14 @@ from diffusion_utilities import (
 
 def _cmd_train(args):
     flow = args.objective == "flow"  # flow matching (notebook 8): velocity target, logit-normal s by default
-    config = TrainConfig(steps=args.steps, objective=args.objective, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    config = TrainConfig(steps=args.steps, objective=args.objective, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed,
                          warmup=args.warmup, drop_prob=args.drop_prob, ema_decay=args.ema_decay,
                          ema_warmup=args.ema_warmup, n_feat=args.n_feat, norm=args.norm,
                          prediction="u" if flow else args.prediction, zero_init=args.zero_init,
                          snr_gamma=None if flow else (args.snr_gamma or None),
-                         t_sampling=args.t_sampling or ("logit-normal" if flow else "uniform"), input_perturbation=args.input_perturbation,
+                         t_sampling=args.t_sampling or ("logit-normal" if flow else "uniform"),
+                         input_perturbation=args.input_perturbation,
                          class_balance=args.class_balance,
                          snapshot_steps=sorted(args.snapshots), checkpoint_every=args.checkpoint_every,
                          terminal_signal=args.terminal_signal)

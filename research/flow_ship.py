@@ -118,7 +118,8 @@ def main(argv=None):
             t0 = time.time()
             x, secs = generate(model, schedule, gen_labels, sampler, calls, seed=args.seed, progress=False)
             xg, _ = generate(model, schedule, gen_labels, sampler, calls, guide_w=2.0, seed=args.seed + 1, progress=False)
-            plain, guided = sample_scores(classifier, x, real_ref, gen_labels), sample_scores(classifier, xg, real_ref, gen_labels)
+            plain = sample_scores(classifier, x, real_ref, gen_labels)
+            guided = sample_scores(classifier, xg, real_ref, gen_labels)
             rows.append({"model": name, "sampler": sampler, "calls": calls, "s_per_sample": secs / args.n, **plain,
                          "guided_fid": guided["fid"], "guided_kid": guided["kid"], "guided_accuracy": guided["accuracy"]})
             print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
