@@ -2,13 +2,15 @@
 
     Data        the sprites, contexts, devices    load_sprites, to_tensor_images, one_hot, get_device
     Notebook 1  Noise schedule, forward process   make_schedule, perturb_input, predict_x0
-    Notebook 2  Model                             ContextUnet (eps- or v-prediction)
+    Notebook 2  Model                             ContextUnet (eps-, v- or, notebook 8, u-prediction)
     Notebook 3  Training                          diffusion_loss (v target, Min-SNR), train_step, EMA,
                                                   sprite_batches, train (the loop)
     Notebook 4  DDPM sampling                     posterior, denoise_add_noise, sample_ddpm
     Notebook 5  Context and guidance              predict_noise (classifier-free guidance), rescale_guidance
     Notebook 6  DDIM                              ddim_sigma, denoise_ddim, ddim_timesteps, sample_ddim
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
+    Notebook 8  Flow matching                     convert_prediction, flow_time, flow_loss, euler_step,
+                                                  predict_velocity, sample_flow (DDIM = Euler), straightness
     Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained,
                                                   model_schedule (the schedule a model was trained with)
     Appendix    input checks                      what a wrong argument is told (shapes, ranges, types)
@@ -311,7 +313,8 @@ class ContextUnet(nn.Module):
     broadcasts to (B,) also works); c: (B, n_cfeat) floats, or None for the zero context.
     Returns a tensor of x's shape: the predicted noise eps when prediction="eps" (the course's), or
     the velocity v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 when prediction="v" (Salimans & Ho 2022;
-    the samplers convert it back to eps, see predict_noise). Time and context enter the decoder at
+    the samplers convert it back to eps, see predict_noise), or a flow model's velocity u = eps - x0 when
+    prediction="u" (notebook 8; it is given s in [0, 1] where the others get t / T). Time and context enter the decoder at
     two resolutions: the context embedding multiplies the features, the time embedding is added.
     norm: "batch" (the course's BatchNorm) or "group" (see make_norm).
     model.settings holds these arguments (saved beside the weights, so a file rebuilds its network).
