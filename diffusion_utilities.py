@@ -681,15 +681,7 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_int
     guide_rescale = _check_guide_rescale(guide_rescale)
     if not low <= t <= high:
         guide_w = 0.0
-    B = x.shape[0]
-    tt = torch.full((B,), t / schedule.T, device=x.device, dtype=x.dtype)
-    if guide_w == 0:
-        out = model(x, tt, context).float()
-    else:
-        both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, torch.zeros_like(context)])).float()
-        out = (1 + guide_w) * both[:B] - guide_w * both[B:]  # linear, so the same in v or eps
-        if guide_rescale > 0:
-            out = rescale_guidance(out, both[:B], guide_rescale)
+    out = _guided(model, x, t / schedule.T, context, guide_w, guide_rescale)
     if getattr(model, "prediction", "eps") == "v":
         ab = schedule.ab_t[t].to(x.device)
         out = ab.sqrt() * out + (1 - ab).sqrt() * x
@@ -1022,11 +1014,7 @@ def predict_velocity(model, z, s, schedule=None, context=None, guide_w=0.0):
     is converted with alpha = sqrt(ab_t) and sigma = sqrt(1 - ab_t). Guidance is linear in both cases.
     """
     if getattr(model, "prediction", "eps") == "u":
-        ss = torch.full((z.shape[0],), float(s), device=z.device, dtype=z.dtype)
-        if guide_w == 0:
-            return model(z, ss, context).float()
-        both = model(torch.cat([z, z]), torch.cat([ss, ss]), torch.cat([context, torch.zeros_like(context)])).float()
-        return (1 + guide_w) * both[:len(z)] - guide_w * both[len(z):]
+        return _guided(model, z, float(s), context, guide_w)
     if schedule is None:
         raise ValueError("a diffusion model (prediction 'eps' or 'v') needs its schedule, and s as its step t")
     scale = flow_time(s, schedule)[1].to(z.device)
@@ -1432,6 +1420,18 @@ def _check_inpainting(x_known, mask, model):
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must hold only 0 (fill in) and 1 (known, kept)")
     return mask
+
+
+def _guided(model, x, time, context, guide_w, guide_rescale=0.0):
+    """The network's output at x (time: t / T, or a flow model's s) with classifier-free guidance:
+    (1 + w) * out(x, c) - w * out(x, zero context), both passes in one batch, as fp32; optionally rescaled."""
+    B = x.shape[0]
+    tt = torch.full((B,), time, device=x.device, dtype=x.dtype)
+    if guide_w == 0:
+        return model(x, tt, context).float()
+    both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, torch.zeros_like(context)])).float()
+    out = (1 + guide_w) * both[:B] - guide_w * both[B:]  # linear, so the same for eps, v or u
+    return rescale_guidance(out, both[:B], guide_rescale) if guide_rescale > 0 else out
 
 
 def _check_n_steps(n_steps, T):
