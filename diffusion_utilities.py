@@ -11,6 +11,8 @@
     Notebook 7  Beyond sampling                   invert_ddim, slerp, inpaint, sample_dpm_solver
     Notebook 8  Flow matching                     convert_prediction, flow_time, flow_loss, euler_step,
                                                   predict_velocity, sample_flow (DDIM = Euler), straightness
+    Notebook 9  Distillation                      distillation_target, distillation_times, distill_loss
+                                                  (a student does in one call what its teacher does in two)
     Appendix    pictures, weights                 show_images, plot_sample, load_model, load_pretrained,
                                                   model_schedule (the schedule a model was trained with)
     Appendix    input checks                      what a wrong argument is told (shapes, ranges, types)
@@ -25,7 +27,7 @@ denoise_ddim, ContextUnet, sample_ddpm, sample_ddim), with that course's bugs fi
 process has its square root, the residual shortcut is a trained layer, DDIM works for any step count.
 This file is only the lesson: the machinery around it (the trainer with checkpoints, resume and torchrun,
 bf16, metrics, the manifest's writer, the command line) lives in course_tools/, which imports this
-module and never the reverse. `python diffusion_utilities.py train|sample|export|evaluate --help` works.
+module and never the reverse. `python diffusion_utilities.py train|sample|export|evaluate|distill --help` works.
 """
 from __future__ import annotations
 
@@ -662,7 +664,8 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_int
     """The network's noise estimate at integer step t in 0..T, with classifier-free guidance.
 
     eps = (1 + w) * eps(x, c) - w * eps(x, zero context); w = 0 is the plain conditional estimate.
-    Both passes run as one batch. A v-predicting model's output is turned into eps first:
+    Both passes run as one batch. t may also be a LongTensor (B,), one step per image (notebook 9's teacher;
+    no guide_interval then). A v-predicting model's output is turned into eps first:
     eps = sqrt(ab_t) * v + sqrt(1 - ab_t) * x_t (substitute x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
     into v's definition). context: (B, n_cfeat) floats or None. The sampler's arithmetic is fp32
     (the network may compute in bf16: see ContextUnet.autocast_dtype).
@@ -675,15 +678,19 @@ def predict_noise(model, x, t, schedule, context=None, guide_w=0.0, *, guide_int
     if getattr(model, "prediction", "eps") == "u":
         raise ValueError("this is a flow-matching model (prediction='u'): it predicts a velocity, not noise; "
                          "sample it with du.sample_flow (notebook 8)")
-    if not isinstance(t, (int, np.integer)) or not 0 <= t <= schedule.T:
-        raise ValueError(f"t must be an integer step in 0..{schedule.T}, got {t!r}")
+    if torch.is_tensor(t):  # one step per image, as in training (notebook 9's teacher); guided everywhere
+        if guide_interval is not None:
+            raise ValueError("guide_interval needs one integer step t for the whole batch")
+        t = _timestep_tensor(t, x.shape[0], schedule)
+    elif not isinstance(t, (int, np.integer)) or not 0 <= t <= schedule.T:
+        raise ValueError(f"t must be an integer step in 0..{schedule.T} (or a LongTensor of one per image), got {t!r}")
     low, high = _check_guide_interval(guide_interval, schedule.T) or (0, schedule.T)
     guide_rescale = _check_guide_rescale(guide_rescale)
-    if not low <= t <= high:
+    if not torch.is_tensor(t) and not low <= t <= high:
         guide_w = 0.0
     out = _guided(model, x, t / schedule.T, context, guide_w, guide_rescale)
     if getattr(model, "prediction", "eps") == "v":
-        ab = schedule.ab_t[t].to(x.device)
+        ab = _per_image(schedule.ab_t, torch.as_tensor(t).expand(x.shape[0]), x)
         out = ab.sqrt() * out + (1 - ab).sqrt() * x
     return out
 
@@ -707,6 +714,7 @@ def sample_ddpm(model, n_sample, schedule, *, context=None, guide_w=0.0, save_ra
 
     if not isinstance(save_rate, int) or save_rate < 1:
         raise ValueError(f"save_rate must be a positive integer, got {save_rate!r}")
+    _check_student(model, schedule.T, guide_w, "ddpm")
     schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator)
     frames = [x.cpu().numpy()]
     with _EvalMode(model):
@@ -753,6 +761,7 @@ def sample_ddim(model, n_sample, schedule, *, n_steps=25, eta=0.0, context=None,
     from tqdm.auto import tqdm
 
     _check_eta(eta)
+    _check_student(model, n_steps, guide_w, "ddim")
     steps = ddim_timesteps(schedule.T, n_steps)
     schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
     frames = [x.cpu().numpy()]
@@ -902,6 +911,7 @@ def sample_dpm_solver(model, n_sample, schedule, *, n_steps=10, context=None, gu
     """
     from tqdm.auto import tqdm
 
+    _check_student(model, n_steps, guide_w, "dpm-solver")
     steps = logsnr_timesteps(schedule, n_steps)
     schedule, context, x = _start_sampling(model, n_sample, schedule, context, guide_w, generator, x_T)
     frames, x0_prev, h_prev = [x.cpu().numpy()], None, None
@@ -1036,6 +1046,7 @@ def sample_flow(model, n_sample, schedule=None, *, n_steps=10, context=None, gui
     """
     from tqdm.auto import tqdm
 
+    _check_student(model, n_steps, guide_w, "euler")
     flow = getattr(model, "prediction", "eps") == "u"
     if not flow and schedule is None:
         raise ValueError("a diffusion model (prediction 'eps' or 'v') is sampled on its schedule: pass it")
@@ -1068,6 +1079,74 @@ def straightness(frames, s_grid):
     steps, chord = torch.diff(z, dim=0) / ds, (z[-1] - z[0]) / (s[-1] - s[0])
     bend = ((steps - chord) ** 2).sum(dim=(2, 3, 4)) * ds.view(-1, 1).abs() / (s[-1] - s[0]).abs()
     return (bend.sum(0) / (chord ** 2).sum(dim=(1, 2, 3))).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 9. Distillation: a student that does in one call what its teacher does in two
+# ---------------------------------------------------------------------------------------------
+
+def distillation_target(teacher, x_t, t, t_mid, t_next, schedule, *, context=None, guide_w=0.0):
+    """Progressive distillation's target (Salimans & Ho 2022, Algorithm 2): the clean image x_tilde that makes
+    ONE deterministic DDIM step t -> t_next land where the teacher's TWO steps t -> t_mid -> t_next land.
+
+    A DDIM step with clean-image estimate x lands on z'' = alpha'' x + (sigma'' / sigma) (x_t - alpha x); solved for
+    x with z'' the teacher's result: x_tilde = (z'' - (sigma''/sigma) x_t) / (alpha'' - (sigma''/sigma) alpha),
+    alpha = sqrt(ab), sigma = sqrt(1 - ab) at t and t_next. The divisor is > 0 whenever t_next < t.
+    x_t: the student's input (B, C, H, W), already noised to step t; t > t_mid > t_next: ints or LongTensors (B,).
+    The teacher runs with guidance guide_w, so the student learns the guided result without a second pass.
+    """
+    t, t_mid, t_next = (_timestep_tensor(v, x_t.shape[0], schedule, name) for v, name in
+                        ((t, "t"), (t_mid, "t_mid"), (t_next, "t_next")))
+    if bool(((t_mid >= t) | (t_next >= t_mid)).any()):
+        raise ValueError("need t > t_mid > t_next: the teacher's two steps run from noise towards the image")
+    if getattr(teacher, "distilled", None) and guide_w:
+        raise ValueError("this teacher is a student that already learned guided results: pass guide_w=0")
+    with torch.no_grad(), _EvalMode(teacher):
+        z_mid = denoise_ddim(x_t, t, t_mid, predict_noise(teacher, x_t, t, schedule, context, guide_w), schedule)
+        z_next = denoise_ddim(z_mid, t_mid, t_next, predict_noise(teacher, z_mid, t_mid, schedule, context, guide_w),
+                              schedule)
+    ab, ab_next = _per_image(schedule.ab_t, t, x_t), _per_image(schedule.ab_t, t_next, x_t)
+    ratio = (1 - ab_next).sqrt() / (1 - ab).sqrt()
+    return (z_next - ratio * x_t) / (ab_next.sqrt() - ratio * ab.sqrt())
+
+
+def distillation_times(n_steps, T):
+    """(t, t_mid, t_next), three LongTensors (n_steps,): the student's n_steps DDIM jumps t -> t_next, and the
+    midpoint t_mid where its teacher stops between them. The teacher walks DDIM's grid of 2 * n_steps calls
+    (ddim_timesteps); the student's grid is every second point of it. n_steps: a power of two up to T / 2
+    (halving a grid again and again keeps its points only then)."""
+    if not isinstance(n_steps, (int, np.integer)) or n_steps < 1 or n_steps & (n_steps - 1) or 2 * n_steps > T:
+        raise ValueError(f"n_steps must be a power of two from 1 to {T // 2} (each round halves the calls), got {n_steps!r}")
+    grid = torch.tensor(ddim_timesteps(T, 2 * n_steps))
+    return grid[0:-1:2], grid[1::2], grid[2::2]
+
+
+def distill_loss(student, x, c, schedule, *, teacher, n_steps, guide_w=0.0, drop_prob=0.1, generator=None):
+    """One batch of progressive distillation, for du.train(..., loss_fn=distill_loss, teacher=..., n_steps=...).
+
+    Each image gets one of the student's n_steps jumps at random (distillation_times), is noised to its start
+    t ONCE (perturb_input), and the student, seeing that x_t, learns the teacher's two-step distillation_target.
+    The loss compares v, not x: v-MSE weights the x error by SNR + 1, so the jumps from pure noise, where
+    alpha is near 0, still count (Salimans & Ho 2022, sec. 4). Contexts are dropped with probability drop_prob
+    (the teacher then runs unguided). student and teacher predict v; x: (B, C, H, W) in [-1, 1].
+    """
+    _check_images(x)
+    if getattr(teacher, "prediction", "eps") != "v" or getattr(student, "prediction", "eps") != "v":
+        raise ValueError("distillation needs v-predicting teacher and student (an eps model divides by alpha ~ 0 "
+                         "at the first jump): distil the shipped 'sprites' model or a student of it")
+    B, device = x.shape[0], x.device
+    draw_on = generator.device if generator is not None else device
+    times = distillation_times(n_steps, schedule.T)
+    k = torch.randint(0, n_steps, (B,), device=draw_on, generator=generator).cpu()
+    t, t_mid, t_next = (v[k] for v in times)
+    eps = torch.randn(x.shape, device=draw_on, generator=generator, dtype=x.dtype).to(device)
+    x_t = perturb_input(x, t, eps, schedule)
+    if c is not None:
+        c = c * (torch.rand(B, device=draw_on, generator=generator) >= drop_prob).to(device, c.dtype)[:, None]
+    x_tilde = distillation_target(teacher, x_t, t, t_mid, t_next, schedule, context=c, guide_w=guide_w)
+    ab = _per_image(schedule.ab_t, t, x_t)
+    v_tilde = convert_prediction(x_tilde, x_t, ab.sqrt(), (1 - ab).sqrt(), source="x0", target="v")
+    return F.mse_loss(student(x_t, t.to(device) / schedule.T, c).float(), v_tilde.float())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1167,7 +1246,7 @@ def read_weights(path):
     except Exception as err:  # not a torch file, truncated, or pickled code that weights_only refuses
         raise ValueError(f"{path} is not a weights file or training checkpoint ({type(err).__name__}; files are "
                          "loaded weights only, so anything but tensors, including pickled code, is refused)") from None
-    extras = {k: state[k] for k in ("schedule", "class_names") if isinstance(state, dict) and state.get(k)}
+    extras = {k: state[k] for k in ("schedule", "class_names", "distilled") if isinstance(state, dict) and state.get(k)}
     if isinstance(state, dict) and "model" in state and "ema" in state:  # a training checkpoint
         cfg = state.get("config", {})
         args = state.get("model_args") or {k: cfg[k] for k in ("n_feat", "norm", "prediction") if k in cfg}
@@ -1197,6 +1276,7 @@ def load_model(path, device=None, **model_args):
                          f": {str(err).splitlines()[0]}; pass the architecture it was trained with (e.g. n_feat=...)") from None
     model.schedule_args = dict(extras.get("schedule", {}))
     model.class_names = [str(n) for n in extras.get("class_names", [])]
+    model.distilled = dict(extras.get("distilled", {}))  # a notebook-9 student: {"steps", "guide_w", "teacher"}
     return model.to(get_device(device)).eval()
 
 
@@ -1426,12 +1506,26 @@ def _guided(model, x, time, context, guide_w, guide_rescale=0.0):
     """The network's output at x (time: t / T, or a flow model's s) with classifier-free guidance:
     (1 + w) * out(x, c) - w * out(x, zero context), both passes in one batch, as fp32; optionally rescaled."""
     B = x.shape[0]
-    tt = torch.full((B,), time, device=x.device, dtype=x.dtype)
+    tt = time.to(x.device, x.dtype) if torch.is_tensor(time) else torch.full((B,), time, device=x.device, dtype=x.dtype)
     if guide_w == 0:
         return model(x, tt, context).float()
     both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, torch.zeros_like(context)])).float()
     out = (1 + guide_w) * both[:B] - guide_w * both[B:]  # linear, so the same for eps, v or u
     return rescale_guidance(out, both[:B], guide_rescale) if guide_rescale > 0 else out
+
+
+def _check_student(model, n_steps, guide_w, sampler):
+    """A distilled student (load_model sets model.distilled) samples only with DDIM at the calls it learned."""
+    learned = getattr(model, "distilled", None)
+    if not learned:
+        return
+    if sampler != "ddim" or n_steps != learned["steps"]:
+        raise ValueError(f"this student was distilled for {learned['steps']} DDIM call(s) and learned only those "
+                         f"jumps; sample it with du.sample_ddim(model, n, schedule, n_steps={learned['steps']}) "
+                         f"(got {sampler} with {n_steps} calls)")
+    if guide_w:
+        raise ValueError(f"this student learned its teacher's guided result (w = {learned['guide_w']}); "
+                         "sample it with guide_w=0 (guiding twice would overshoot)")
 
 
 def _check_n_steps(n_steps, T):
