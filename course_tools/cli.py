@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from course_tools.hardware import describe_device, fast_settings
-from course_tools.manifest import add_to_manifest, read_manifest, remove_from_manifest
+from course_tools.manifest import add_to_manifest, read_manifest, record_metrics_in, remove_from_manifest
 from course_tools.metrics import (
     classifier_outputs,
     compare_solvers,
@@ -137,6 +137,25 @@ def _destination(path, to_weights, command):
         raise SystemExit(f"{command}: {path} is inside the shipped weights/; pass --to-weights to replace "
                          "what ships, or choose another folder")
     return path
+
+
+def _cmd_distill(args):
+    from course_tools.distill import DistillConfig, export_students, run_distillation
+
+    config = DistillConfig(teacher=args.teacher, teacher_steps=args.teacher_steps, updates=tuple(args.updates),
+                           batch_size=args.batch_size, lr=args.lr, guide_w=args.guide_w, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every)
+    if args.export:
+        wdir = _destination(args.weights_dir, args.to_weights, "distill --export")
+        wdir.mkdir(parents=True, exist_ok=True)
+        command = args.command or "python diffusion_utilities.py distill " + " ".join(args.argv)
+        return export_students(args.out, wdir, config=config, command=command, ship=args.ship)
+    _destination(args.out, False, "distill")  # a run folder never lives inside weights/
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    minutes = run_distillation(config, args.out, data_path=args.data, resume=args.resume)
+    print("students (calls: minutes): " + ", ".join(f"{n}: {m:.1f}" for n, m in minutes.items())
+          + f"; files in {args.out}")
 
 
 def _cmd_make_dataset(args):
@@ -327,7 +346,6 @@ def _update_solvers(out, solvers):
 
 def record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
     """Write the headline numbers of an evaluation beside each evaluated file in the manifest."""
-    manifest = read_manifest(weights_dir)
     ddpm = res["samplers"][0]
     headline = {"n": res["n"], "fid_floor": res["floor"]["fid"], "fid_ddpm500": ddpm["fid"], "kid_ddpm500": ddpm["kid"],
                 "tables": "metrics.md"}
@@ -343,8 +361,7 @@ def record_metrics(res, model_name, weights_dir=WEIGHTS_DIR):
     metrics.update({k: {"n": res["n"], "fid_ddim25": v["fid"], "kid_ddim25": v["kid"], "accuracy_ddim25": v["accuracy"]}
                     for k, v in res["snapshots"].items()})
     for name, m in metrics.items():
-        entry = {k: v for k, v in manifest[name].items() if k not in ("file", "sha256", "kind")}
-        add_to_manifest(name, manifest[name]["file"], manifest[name]["kind"], weights_dir, **{**entry, "metrics": m})
+        record_metrics_in(name, m, weights_dir)
 
 
 def main(argv=None):
@@ -434,6 +451,32 @@ def main(argv=None):
                          "(a longer average; the shipped model uses 4000 4400 4800 5200)")
     ex.set_defaults(func=_cmd_export)
 
+    di = sub.add_parser("distill", help="distil a shipped model into few-call students (notebook 9; resumable)",
+                        description="Progressive distillation (Salimans & Ho 2022): the teacher's guided DDIM with "
+                                    "--teacher-steps calls teaches a student of half as many, which teaches the "
+                                    "next, down to one call. Writes checkpoint.pt and studentN.pt to --out; "
+                                    "--export copies the students into --weights-dir (weights/ only with --to-weights).")
+    di.add_argument("--out", default="runs/distill", help="output folder (default runs/distill)")
+    di.add_argument("--teacher", default="sprites", help="a v-predicting model in weights/manifest.json")
+    di.add_argument("--teacher-steps", type=int, default=16, help="the teacher's DDIM calls, a power of two")
+    di.add_argument("--updates", type=int, nargs="+", default=[1400],
+                    help="optimiser steps per round: one number, or one per round (students of "
+                         "teacher-steps/2, /4, ..., 1 calls)")
+    di.add_argument("--batch-size", type=int, default=64)
+    di.add_argument("--lr", type=float, default=2e-4)
+    di.add_argument("--guide-w", type=float, default=2.0, help="the teacher's guidance, baked into the students")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints")
+    di.add_argument("--resume", action="store_true", help="continue the run in --out")
+    di.add_argument("--export", action="store_true", help="copy the finished run's students instead of training")
+    di.add_argument("--ship", type=int, nargs="+", default=[4, 2, 1], help="which students --export copies")
+    di.add_argument("--command", default=None, help="the command that made the run, to record in the manifest")
+    di.add_argument("--weights-dir", default="outputs/export", help="where --export writes (default outputs/export)")
+    di.add_argument("--to-weights", action="store_true", help="let --export write into the course's weights/")
+    di.add_argument("--threads", type=int, default=None)
+    di.add_argument("--data", default=str(DATA_FILE))
+    di.set_defaults(func=_cmd_distill)
+
     tc = sub.add_parser("train-classifier", help="train the SpriteClassifier the metrics use",
                         description="Train the small sprite classifier on a stratified 85%% split.")
     tc.add_argument("--out", default="runs/classifier.pt")
@@ -488,6 +531,6 @@ def main(argv=None):
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as err:
         # one clear line for the learner, not a traceback from deep inside torch
         raise SystemExit(f"{args.command}: {err}") from None

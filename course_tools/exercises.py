@@ -467,3 +467,85 @@ def check_ddpm_to_flow(fn):
     ]
     return _judge("ddpm_to_flow", fn, lambda f: f(v_hat, x_t, t, sched), (z, s, u), mistakes, ddpm_to_flow,
                   shape_hint="Shape ab_t[t] to (B, 1, 1, 1) for the images, and return s with shape (B,).")
+
+
+# -- notebook 9 -------------------------------------------------------------------------------------
+
+def _tiny_teacher():
+    """A small seeded v-predicting ContextUnet on the shipped schedule: fast, and not the identity."""
+    with torch.random.fork_rng(devices=[]):  # the learner's CPU random numbers stay put (and CUDA untouched)
+        torch.manual_seed(0)
+        model = du.ContextUnet(n_feat=16, prediction="v").eval()
+    return model, du.make_schedule(500, terminal_signal=0.004)
+
+
+def _solve_x(z_end, x_t, ab, ab_end):
+    """The clean image that makes one DDIM step from x_t (where ab = alpha-bar) land on z_end (at ab_end)."""
+    ratio = ((1 - ab_end) / (1 - ab)).sqrt()
+    return (z_end - ratio * x_t) / (ab_end.sqrt() - ratio * ab.sqrt())
+
+
+def distillation_pair(teacher, x0, noise, t, t_mid, t_next, schedule, context, guide_w):
+    """The course's answer: the student's input x_t (x0 noised once to step t) and its target, the clean image
+    that makes one DDIM step t -> t_next land where the teacher's two steps t -> t_mid -> t_next land."""
+    x_t = du.perturb_input(x0, t, noise, schedule)
+    return x_t, du.distillation_target(teacher, x_t, t, t_mid, t_next, schedule, context=context, guide_w=guide_w)
+
+
+def check_distillation_pair(fn):
+    """fn(teacher, x0, noise, t, t_mid, t_next, schedule, context, guide_w) -> (x_t, x_tilde); int steps."""
+    teacher, sched = _tiny_teacher()
+    x0, noise = _seeded(4, 3, 16, 16).clamp(-1, 1), _seeded(4, 3, 16, 16, seed=1)
+    context, w, (t, t_mid, t_next) = du.one_hot(torch.tensor([0, 1, 2, 3])), 2.0, (375, 312, 250)
+    ab = lambda step: sched.ab_t[step]  # noqa: E731
+    eps_at = lambda x, step: du.predict_noise(teacher, x, step, sched, context, w)  # noqa: E731
+    with torch.no_grad():
+        x_t, want = distillation_pair(teacher, x0, noise, t, t_mid, t_next, sched, context, w)
+        z_mid = du.denoise_ddim(x_t, t, t_mid, eps_at(x_t, t), sched)
+        z_next = du.denoise_ddim(z_mid, t_mid, t_next, eps_at(z_mid, t_mid), sched)
+        one_step = du.predict_x0(x_t, t, eps_at(x_t, t), sched)  # = solving after the teacher's first step
+        stale = du.denoise_ddim(z_mid, t_mid, t_next, eps_at(z_mid, t), sched)  # 2nd call told the wrong time
+        twice = du.perturb_input(x_t, t, noise, sched)
+        twice_target = du.distillation_target(teacher, twice, t, t_mid, t_next, sched, context=context, guide_w=w)
+    mistakes = [
+        ("That is the teacher's ONE-step guess (its x0 estimate at x_t): the target must come from two teacher "
+         "steps, t -> t_mid -> t_next, so that one student step can stand for both.", (x_t, one_step)),
+        ("Wrong time in the solve: one student step goes from t to t_next, so use alpha and sigma at t_next "
+         "(not t_mid) with the teacher's z at t_next.", (x_t, _solve_x(z_next, x_t, ab(t), ab(t_mid)))),
+        ("The teacher's second call was told the wrong time: it starts at t_mid, so ask the network at t_mid.",
+         (x_t, _solve_x(stale, x_t, ab(t), ab(t_next)))),
+        ("The student's input is noised twice: perturb_input takes the CLEAN image x0 once; the teacher and the "
+         "student both start from that x_t.", (twice, twice_target)),
+        ("The teacher started from an input noised twice: give it the same x_t the student sees.",
+         (x_t, twice_target)),
+    ]
+    return _judge("distillation_pair", fn, lambda f: f(teacher, x0, noise, t, t_mid, t_next, sched, context, w),
+                  (x_t, want), mistakes, distillation_pair, atol=1e-4)
+
+
+def student_v_target(x_tilde, x_t, noise, t, schedule):
+    """The course's answer: the v a network should output at x_t for the clean image x_tilde."""
+    ab = schedule.ab_t[t]
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    eps_tilde = (x_t - alpha * x_tilde) / sigma  # the noise that x_tilde implies, not the noise drawn
+    return alpha * eps_tilde - sigma * x_tilde
+
+
+def check_student_v_target(fn):
+    """fn(x_tilde, x_t, noise, t, schedule) -> v (B, C, H, W); t an int step."""
+    sched = du.make_schedule(500, terminal_signal=0.004)
+    x0, noise, x_tilde = _seeded(4, 3, 16, 16).clamp(-1, 1), _seeded(4, 3, 16, 16, seed=1), _seeded(4, 3, 16, 16, seed=2)
+    t = 312
+    x_t = du.perturb_input(x0, t, noise, sched)
+    want = student_v_target(x_tilde, x_t, noise, t, sched)
+    alpha, sigma = sched.ab_t[t].sqrt(), (1 - sched.ab_t[t]).sqrt()
+    eps_tilde = (x_t - alpha * x_tilde) / sigma
+    mistakes = [
+        ("That uses the noise you drew. The target's noise is the one x_tilde implies at x_t, "
+         "eps_tilde = (x_t - alpha x_tilde) / sigma: the teacher's two steps decide it, not the draw.",
+         alpha * noise - sigma * x_tilde),
+        ("The sign is flipped: v = alpha eps - sigma x0.", sigma * x_tilde - alpha * eps_tilde),
+        ("alpha and sigma are swapped: alpha = sqrt(ab_t) weighs the noise in v, sigma = sqrt(1 - ab_t) the image.",
+         sigma * eps_tilde - alpha * x_tilde),
+    ]
+    return _judge("student_v_target", fn, lambda f: f(x_tilde, x_t, noise, t, sched), want, mistakes, student_v_target)

@@ -13,7 +13,7 @@ from pathlib import Path
 from course_tools.runs import write_atomic
 from diffusion_utilities import WEIGHTS_DIR, checked_entry, read_manifest
 
-__all__ = ["add_to_manifest", "checked_entry", "read_manifest", "remove_from_manifest", "sha256_file"]
+__all__ = ["add_to_manifest", "checked_entry", "read_manifest", "record_metrics_in", "remove_from_manifest", "sha256_file"]
 
 
 def sha256_file(path):
@@ -39,6 +39,13 @@ def add_to_manifest(name, file, kind="ContextUnet", weights_dir=WEIGHTS_DIR, **i
     manifest["weights"][name] = {"file": str(file), "sha256": sha256_file(Path(weights_dir) / file), "kind": kind, **info}
     _write(weights_dir, manifest)
     return manifest["weights"][name]
+
+
+def record_metrics_in(name, metrics, weights_dir=WEIGHTS_DIR):
+    """Replace the "metrics" of an entry, keeping how the file was made (its sha256 is re-read from the file)."""
+    entry = read_manifest(weights_dir)[name]
+    kept = {k: v for k, v in entry.items() if k not in ("file", "sha256", "kind")}
+    return add_to_manifest(name, entry["file"], entry["kind"], weights_dir, **{**kept, "metrics": metrics})
 
 
 def remove_from_manifest(name, weights_dir=WEIGHTS_DIR):

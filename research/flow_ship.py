@@ -35,7 +35,7 @@ import torch
 import diffusion_utilities as du
 from course_tools.cli import average_with_snapshots
 from course_tools.hardware import describe_device
-from course_tools.manifest import add_to_manifest, read_manifest
+from course_tools.manifest import record_metrics_in
 from course_tools.metrics import frechet_distance, generate, load_classifier, real_sets, sample_scores
 
 OUT = du.ROOT / "research" / "flow_ship.json"
@@ -82,8 +82,7 @@ def record(path):
     for k, r in sorted(rows.items()):
         metrics.update({f"fid_euler{k}": r["fid"], f"accuracy_euler{k}": r["accuracy"],
                         f"guided_fid_euler{k}": r["guided_fid"], f"guided_accuracy_euler{k}": r["guided_accuracy"]})
-    entry = {k: v for k, v in read_manifest()["sprites_flow"].items() if k not in ("file", "sha256", "kind")}
-    add_to_manifest("sprites_flow", "sprites_flow.pt", "ContextUnet", **{**entry, "metrics": metrics})
+    record_metrics_in("sprites_flow", metrics)
     print("recorded the flow model's metrics in weights/manifest.json")
 
 

@@ -92,6 +92,26 @@ def loss_with_t_from_zero(model, x, c, schedule, drop_prob=0.1, generator=None):
     return F.mse_loss(model(du.perturb_input(x, t, noise, schedule), t / schedule.T, c * keep[:, None]), noise)
 
 
+def one_teacher_step(teacher, x0, noise, t, t_mid, t_next, s, c, w):
+    x_t = du.perturb_input(x0, t, noise, s)
+    return x_t, du.predict_x0(x_t, t, du.predict_noise(teacher, x_t, t, s, c, w), s)
+
+
+def noised_twice(teacher, x0, noise, t, t_mid, t_next, s, c, w):
+    return exercises.distillation_pair(teacher, du.perturb_input(x0, t, noise, s), noise, t, t_mid, t_next, s, c, w)
+
+
+def solved_at_the_midpoint(teacher, x0, noise, t, t_mid, t_next, s, c, w):
+    """Two teacher steps, then solved with t_mid's alpha and sigma instead of t_next's."""
+    x_t = du.perturb_input(x0, t, noise, s)
+    z = x_t
+    for a, b in ((t, t_mid), (t_mid, t_next)):
+        z = du.denoise_ddim(z, a, b, du.predict_noise(teacher, z, a, s, c, w), s)
+    ab, ab_mid = s.ab_t[t], s.ab_t[t_mid]
+    ratio = ((1 - ab_mid) / (1 - ab)).sqrt()
+    return x_t, (z - ratio * x_t) / (ab_mid.sqrt() - ratio * ab.sqrt())
+
+
 WRONG = [
     ("alpha_bar", lambda b: torch.cumprod(1 - b, 0), "ab_t[0] must be 1"),
     ("alpha_bar", lambda b: torch.cat([torch.ones(1), 1 - torch.cumsum(b[1:], 0)]), "That is a sum"),
@@ -122,6 +142,11 @@ WRONG = [
     ("ddpm_to_flow", lambda v, x, t, s: (x, *exercises.ddpm_to_flow(v, x, t, s)[1:]), "Rescale the state"),
     ("ddpm_to_flow", lambda v, x, t, s: (*exercises.ddpm_to_flow(v, x, t, s)[:2], -exercises.ddpm_to_flow(v, x, t, s)[2]),
      "eps and x0 are swapped"),
+    ("distillation_pair", one_teacher_step, "ONE-step guess"),
+    ("distillation_pair", noised_twice, "noised twice"),
+    ("distillation_pair", solved_at_the_midpoint, "Wrong time in the solve"),
+    ("student_v_target", lambda xt_, x, n, t, s: s.ab_t[t].sqrt() * n - (1 - s.ab_t[t]).sqrt() * xt_, "noise you drew"),
+    ("student_v_target", lambda xt_, x, n, t, s: -exercises.student_v_target(xt_, x, n, t, s), "sign is flipped"),
 ]
 
 
