@@ -85,13 +85,18 @@ CASES = {
     "convert_prediction": lambda m, s, d: du.convert_prediction(X0.to(d), X0.flip(0).to(d), 0.6, 0.8, source="v",
                                                                 target="u"),
     "euler_step": lambda m, s, d: du.euler_step(X0.to(d), 0.5, 0.25, X0.flip(0).to(d)),
+    "distillation_target": lambda m, s, d: du.distillation_target(
+        m, X0.to(d), torch.tensor([50, 40, 30, 20]), torch.tensor([45, 35, 25, 15]), torch.tensor([40, 30, 20, 0]), s,
+        context=du.one_hot(CTX).to(d), guide_w=2.0),
+    "distill_loss": lambda m, s, d: du.distill_loss(m, X0.to(d), du.one_hot(CTX).to(d), s, teacher=m, n_steps=2,
+                                                    guide_w=2.0, generator=seeded()),
 }
 # Public functions that hold no tensors of their own, or that the cases above and the tests below cover.
 ELSEWHERE = {
     "load_sprites", "find_data_file", "to_tensor_images", "one_hot", "get_device", "make_schedule", "make_norm",
     "count_parameters", "snr", "train_step", "lr_at", "class_sampling_weights", "train", "ddim_timesteps",
     "logsnr_timesteps", "show_images", "plot_sample", "animation_html", "read_weights", "load_model", "model_schedule",
-    "read_manifest", "checked_entry", "load_pretrained", "straightness",
+    "read_manifest", "checked_entry", "load_pretrained", "straightness", "distillation_times",
 }
 
 

@@ -92,7 +92,7 @@ def test_distillation_times_halve_ddims_grid():
 
 
 def test_a_tiny_distillation_reduces_the_students_error():
-    """A copy of a small teacher, 40 updates of du.train with distill_loss: its 1-call samples move towards the
+    """A copy of a small teacher, 25 updates of du.train with distill_loss: its 1-call samples move towards the
     teacher's 2-call samples from the same noise (by at least a third)."""
     schedule = du.make_schedule(500, terminal_signal=0.004)
     torch.manual_seed(0)
@@ -108,12 +108,12 @@ def test_a_tiny_distillation_reduces_the_students_error():
                      .mean().sqrt())
 
     before = error()
-    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    c = du.one_hot(torch.arange(64) % 5)
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    c = du.one_hot(torch.arange(32) % 5)
     batches = iter(lambda: (x, c), None)
-    du.train(student, batches, schedule, steps=40, lr=1e-3, warmup=2, lr_min=1e-3, progress=False,
+    du.train(student, batches, schedule, steps=25, lr=1e-3, warmup=2, lr_min=1e-3, progress=False,
              loss_fn=du.distill_loss, teacher=teacher, n_steps=1, generator=torch.Generator().manual_seed(6))
-    assert error() < 0.67 * before
+    assert error() < 0.67 * before  # measured: 0.45 -> 0.24
 
 
 def test_distill_loss_refuses_what_cannot_be_distilled():
