@@ -1099,8 +1099,9 @@ def distillation_target(teacher, x_t, t, t_mid, t_next, schedule, *, context=Non
                         ((t, "t"), (t_mid, "t_mid"), (t_next, "t_next")))
     if bool(((t_mid >= t) | (t_next >= t_mid)).any()):
         raise ValueError("need t > t_mid > t_next: the teacher's two steps run from noise towards the image")
-    if getattr(teacher, "distilled", None) and guide_w:
+    if getattr(teacher, "distilled", {}).get("guide_w") and guide_w:
         raise ValueError("this teacher is a student that already learned guided results: pass guide_w=0")
+    context = _prepare_context(context, x_t.shape[0], teacher, guide_w)
     with torch.no_grad(), _EvalMode(teacher):
         z_mid = denoise_ddim(x_t, t, t_mid, predict_noise(teacher, x_t, t, schedule, context, guide_w), schedule)
         z_next = denoise_ddim(z_mid, t_mid, t_next, predict_noise(teacher, z_mid, t_mid, schedule, context, guide_w),
@@ -1131,6 +1132,8 @@ def distill_loss(student, x, c, schedule, *, teacher, n_steps, guide_w=0.0, drop
     (the teacher then runs unguided). student and teacher predict v; x: (B, C, H, W) in [-1, 1].
     """
     _check_images(x)
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob}")
     if getattr(teacher, "prediction", "eps") != "v" or getattr(student, "prediction", "eps") != "v":
         raise ValueError("distillation needs v-predicting teacher and student (an eps model divides by alpha ~ 0 "
                          "at the first jump): distil the shipped 'sprites' model or a student of it")
@@ -1335,6 +1338,7 @@ def load_pretrained(name="sprites", device=None, weights_dir=WEIGHTS_DIR):
     model = load_model(path, device, **entry.get("args", {}))
     model.schedule_args = model.schedule_args or entry.get("schedule", {})
     model.class_names = model.class_names or list(entry.get("class_names", []))
+    model.distilled = model.distilled or dict(entry.get("distilled", {}))
     return model
 
 
@@ -1523,7 +1527,7 @@ def _check_student(model, n_steps, guide_w, sampler):
         raise ValueError(f"this student was distilled for {learned['steps']} DDIM call(s) and learned only those "
                          f"jumps; sample it with du.sample_ddim(model, n, schedule, n_steps={learned['steps']}) "
                          f"(got {sampler} with {n_steps} calls)")
-    if guide_w:
+    if guide_w and learned.get("guide_w"):
         raise ValueError(f"this student learned its teacher's guided result (w = {learned['guide_w']}); "
                          "sample it with guide_w=0 (guiding twice would overshoot)")
 

@@ -92,6 +92,9 @@ def _cmd_sample(args):
     schedule = model_schedule(model)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator().manual_seed(args.seed)
+    student = getattr(model, "distilled", None)  # notebook 9: its own number of calls, guidance already learned
+    args.steps = args.steps or (student["steps"] if student else None)
+    args.guide_w = (0.0 if student else 2.0) if args.guide_w is None else args.guide_w
     common = dict(context=labels, guide_w=args.guide_w, generator=gen, progress=True,
                   guide_interval=args.guide_interval and tuple(args.guide_interval), guide_rescale=args.guide_rescale)
     if model.prediction == "u":  # a flow model (notebook 8): Euler's method, guidance as usual
@@ -148,8 +151,8 @@ def _cmd_distill(args):
     if args.export:
         wdir = _destination(args.weights_dir, args.to_weights, "distill --export")
         wdir.mkdir(parents=True, exist_ok=True)
-        command = args.command or "python diffusion_utilities.py distill " + " ".join(args.argv)
-        return export_students(args.out, wdir, config=config, command=command, ship=args.ship)
+        command = args.made_by or "python diffusion_utilities.py distill " + " ".join(args.argv)
+        return export_students(args.out, wdir, command=command, ship=args.ship)
     _destination(args.out, False, "distill")  # a run folder never lives inside weights/
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +198,7 @@ def _cmd_export(args):
     if args.average_snapshots:
         params = {name for name, _ in ContextUnet(**model_args).named_parameters()}
         weights = average_with_snapshots(weights, run, args.average_snapshots, keys=params)
-    made = {"command": args.command or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
+    made = {"command": args.made_by or f"python diffusion_utilities.py train --steps {cfg['steps']} --seed {cfg['seed']}",
             "seed": cfg["seed"], "config": cfg, "hardware": hist.get("device", "unknown"), "args": model_args}
     if ck.get("class_names"):
         made["class_names"] = list(ck["class_names"])
@@ -419,7 +422,8 @@ def main(argv=None):
     sa.add_argument("--steps", type=int, default=None, help="DDIM steps (1..500, default 25), or a flow model's "
                     "Euler steps")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    sa.add_argument("--guide-w", type=float, default=2.0, help="classifier-free guidance weight")
+    sa.add_argument("--guide-w", type=float, default=None,
+                    help="classifier-free guidance weight (default 2; a distilled student: 0, it learned its guidance)")
     sa.add_argument("--guide-interval", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help="guide only at steps LOW <= t <= HIGH (default: every step)")
     sa.add_argument("--guide-rescale", type=float, default=0.0, metavar="PHI",
@@ -437,7 +441,8 @@ def main(argv=None):
                                     "--to-weights touches the shipped weights/.")
     ex.add_argument("--run", default="runs/sprites")
     ex.add_argument("--name", default="sprites")
-    ex.add_argument("--command", default=None, help="the commands that made the weights, to record in the manifest")
+    ex.add_argument("--command", dest="made_by", default=None,
+                    help="the commands that made the weights, to record in the manifest")
     ex.add_argument("--weights-dir", default="outputs/export",
                     help="where to write the files and their manifest (default outputs/export)")
     ex.add_argument("--to-weights", action="store_true",
@@ -468,9 +473,11 @@ def main(argv=None):
     di.add_argument("--seed", type=int, default=0)
     di.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints")
     di.add_argument("--resume", action="store_true", help="continue the run in --out")
-    di.add_argument("--export", action="store_true", help="copy the finished run's students instead of training")
+    di.add_argument("--export", action="store_true",
+                    help="copy the finished run's students instead of training (with the run's own settings)")
     di.add_argument("--ship", type=int, nargs="+", default=[4, 2, 1], help="which students --export copies")
-    di.add_argument("--command", default=None, help="the command that made the run, to record in the manifest")
+    di.add_argument("--command", dest="made_by", default=None,
+                    help="the command that made the run, to record in the manifest")
     di.add_argument("--weights-dir", default="outputs/export", help="where --export writes (default outputs/export)")
     di.add_argument("--to-weights", action="store_true", help="let --export write into the course's weights/")
     di.add_argument("--threads", type=int, default=None)

@@ -29,6 +29,7 @@ import diffusion_utilities as du
 from course_tools.hardware import describe_device
 from course_tools.manifest import add_to_manifest
 from course_tools.runs import RunLock, save_atomic, weights_payload, write_atomic
+from course_tools.training import TrainingData
 
 
 @dataclass
@@ -53,9 +54,14 @@ class DistillConfig:
         n = self.teacher_steps
         if not isinstance(n, int) or n < 2 or n & (n - 1):
             raise ValueError(f"teacher_steps must be a power of two >= 2 (each round halves it), got {n!r}")
-        if len(self.updates) not in (1, len(self.rounds())) or min(self.updates) < 1:
+        if len(self.updates) not in (1, len(self.rounds())) or min(self.updates, default=0) < 1:
             raise ValueError(f"updates: one positive number, or one per round ({len(self.rounds())} rounds: "
                              f"students of {self.rounds()} calls), got {list(self.updates)}")
+        for name in ("batch_size", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 < self.lr_min <= self.lr:
+            raise ValueError(f"need 0 < lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
         for name in ("blend_prob", "drop_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -97,20 +103,34 @@ def load_teacher(config, weights_dir=du.WEIGHTS_DIR):
 
 def run_distillation(config, out_dir, *, data_path=du.DATA_FILE, resume=False, weights_dir=du.WEIGHTS_DIR,
                      progress=True, fast=True):
-    """Every round of config, in out_dir: checkpoint.pt while a round runs, studentN.pt when it ends.
-    Returns {calls: minutes} of the rounds done. A finished out_dir is refused without resume (nothing to do
-    is said, not redone); an unfinished one needs resume=True."""
+    """Every round of config, in out_dir: run.json (the settings, the teacher's sha256, the data's digest, the
+    hardware), checkpoint.pt while a round runs, studentN.pt when it ends. Returns {calls: minutes} of the rounds.
+    A used out_dir needs resume=True, and a resume must name the same settings, teacher and data."""
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / "checkpoint.pt"
-    if not resume and (ckpt_path.exists() or any(out_dir.glob("student*.pt"))):
-        raise FileExistsError(f"{out_dir} already holds a distillation run; pass --resume to continue it, "
-                              "or choose another --out")
+    ckpt_path, run_path = out_dir / "checkpoint.pt", out_dir / "run.json"
+    finished = all(student_file(out_dir, n).exists() for n in config.rounds()) and not ckpt_path.exists()
+    if not resume and run_path.exists():
+        raise FileExistsError(f"{out_dir} already holds a distillation run" + (
+            "; it has finished: copy its students with --export" if finished else
+            "; pass --resume to continue it") + ", or choose another --out")
+    if resume and not run_path.exists():
+        raise FileNotFoundError(f"--resume: no distillation run in {out_dir}; start without --resume")
+    teacher0, schedule = load_teacher(config, weights_dir)
+    if config.teacher_steps > schedule.T:
+        raise ValueError(f"--teacher-steps {config.teacher_steps} is more than the teacher's {schedule.T} steps")
+    data = TrainingData(data_path)
+    images, labels, class_names = data.images, data.labels, data.class_names
+    if images.shape[1] != teacher0.height or data.n_classes != teacher0.n_cfeat:
+        raise ValueError(f"{data_path} has {images.shape[1]}x{images.shape[1]} images in {data.n_classes} classes; "
+                         f"the teacher {config.teacher!r} draws {teacher0.height}x{teacher0.height} in {teacher0.n_cfeat}")
+    made = {"config": asdict(config), "teacher_sha256": du.checked_entry(config.teacher, weights_dir)[1]["sha256"],
+            "data_sha256": data.digest, "hardware": describe_device("cpu")}
     with RunLock(out_dir):
-        state = _load_state(ckpt_path, config) if resume and ckpt_path.exists() else None
-        if resume and state is None and not any(out_dir.glob("student*.pt")):
-            raise FileNotFoundError(f"--resume: no checkpoint or student in {out_dir}; start without --resume")
-        teacher0, schedule = load_teacher(config, weights_dir)
-        images, labels, class_names = du.load_sprites(data_path)
+        if resume:
+            _check_same_run(json.loads(run_path.read_text()), made)
+        else:
+            write_atomic(run_path, json.dumps(made, indent=1))
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
         minutes = {}
         for r, n_steps in enumerate(config.rounds()):
             path = student_file(out_dir, n_steps)
@@ -125,15 +145,17 @@ def run_distillation(config, out_dir, *, data_path=du.DATA_FILE, resume=False, w
         return minutes
 
 
-def _load_state(ckpt_path, config):
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    saved = {**ck["config"], "updates": tuple(ck["config"]["updates"])}
-    changed = [f"{k}={saved.get(k)!r} in the checkpoint, now {v!r}" for k, v in asdict(config).items()
-               if saved.get(k) != v]
+def _check_same_run(saved, now):
+    """A resume continues the same run: the same settings, the same teacher file and the same data."""
+    changed = [f"{k}={saved['config'].get(k)!r} in the run, now {v!r}" for k, v in now["config"].items()
+               if (list(saved["config"].get(k)) if k == "updates" else saved["config"].get(k))
+               != (list(v) if k == "updates" else v)]
+    changed += [f"the {what} changed since the run began" for what, key in (("teacher's weights", "teacher_sha256"),
+                                                                          ("data", "data_sha256"))
+                if saved[key] != now[key]]
     if changed:
-        raise ValueError("--resume: the checkpoint was made with other settings: " + "; ".join(changed)
-                         + ". Resume with the same settings, or start a new run in another --out.")
-    return ck
+        raise ValueError("--resume: " + "; ".join(changed) + ". Resume with the same settings, or start a new "
+                         "run in another --out.")
 
 
 def _round(config, r, teacher, schedule, images, labels, class_names, out_dir, state, progress, fast):
@@ -156,16 +178,23 @@ def _round(config, r, teacher, schedule, images, labels, class_names, out_dir, s
         torch.set_rng_state(state["rng"])
         start, history, seconds = state["update"], list(state["history"]), state["train_seconds"]
     t0 = time.time() - seconds
-    batches = blended_contexts(du.sprite_batches(images, labels, batch_size=config.batch_size, generator=gen),
+    batches = blended_contexts(du.sprite_batches(images, labels, batch_size=config.batch_size, generator=gen,
+                                                 n_cfeat=teacher.n_cfeat),
                                blend_prob=config.blend_prob, generator=gen)
 
     def save(update):
         save_atomic({"config": asdict(config), "round": r, "update": update, "model": student.state_dict(),
+                     "model_args": dict(student.settings), "schedule": dict(getattr(teacher, "schedule_args", {})),
+                     "class_names": list(class_names),
                      "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                      "rng": torch.get_rng_state(), "history": history, "train_seconds": time.time() - t0},
                     out_dir / "checkpoint.pt")
 
     def callback(update, loss):
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at update {update} of the {n_steps}-call round; "
+                                     f"resume from the last checkpoint (every {config.checkpoint_every} updates) "
+                                     "with a lower --lr")
         history.append(loss)
         if update % config.checkpoint_every == 0 and update < updates:
             save(update)
@@ -188,32 +217,40 @@ def _round(config, r, teacher, schedule, images, labels, class_names, out_dir, s
     return seconds / 60
 
 
-def export_students(out_dir, wdir, *, config, command, ship=(4, 2, 1), prefix="sprites_student"):
-    """Copy a finished run's students of `ship` calls into wdir as {prefix}N.pt (fp16: half the size, the same
-    samples), each with its manifest entry; their loss curves (every 10th update) go to {prefix}_loss.json."""
+def export_students(out_dir, wdir, *, command, ship=(4, 2, 1)):
+    """Copy a finished run's students of `ship` calls into wdir as {teacher}_studentN.pt (fp16: half the size, the
+    same samples), each with a manifest entry that records how the run was made (its run.json, not today's flags);
+    their loss curves (every 10th update) go to {teacher}_student_loss.json beside what is there."""
     out_dir = Path(out_dir)
+    if not (out_dir / "run.json").exists():
+        raise ValueError(f"--export: no distillation run in {out_dir}")
+    made = json.loads((out_dir / "run.json").read_text())
+    config = DistillConfig(**made["config"])
     if not set(ship) <= set(config.rounds()):
-        raise SystemExit(f"distill --export: this run makes students of {config.rounds()} calls, not {sorted(ship)}")
+        raise ValueError(f"--export: this run makes students of {config.rounds()} calls, not {sorted(ship)}")
     missing = [n for n in config.rounds() if not student_file(out_dir, n).exists()]
     if missing or (out_dir / "checkpoint.pt").exists():
-        raise SystemExit(f"distill --export: {out_dir} has not finished (no student of {missing or 'its last round'} "
+        raise ValueError(f"--export: {out_dir} has not finished (no student of {missing or 'its last round'} "
                          f"call(s) yet); finish it with `python diffusion_utilities.py distill --out {out_dir} --resume`")
-    teacher_entry = du.read_manifest(du.WEIGHTS_DIR)[config.teacher]
-    curves, chain, total = {}, {}, 0.0
+    prefix = f"{config.teacher}_student"
+    loss_path = Path(wdir) / f"{prefix}_loss.json"
+    curves = json.loads(loss_path.read_text())["loss"] if loss_path.exists() else {}
+    chain, total = {}, 0.0
     for n in config.rounds():  # a student needs every round above it: the chain's minutes down to it
         total += torch.load(student_file(out_dir, n), map_location="cpu", weights_only=True)["train_seconds"] / 60
         chain[n] = round(total, 1)
     for n in ship:
         data = torch.load(student_file(out_dir, n), map_location="cpu", weights_only=True)
+        if not all(bool(torch.isfinite(v).all()) for v in data["state_dict"].values() if v.is_floating_point()):
+            raise ValueError(f"--export: {student_file(out_dir, n)} holds NaN or inf weights; it is not shipped")
         name = f"{prefix}{n}"
         curves[str(n)] = [round(float(v), 5) for v in data["history"][::10]]
         payload = {k: v for k, v in data.items() if k != "history"}
         payload["state_dict"] = {k: (v.half() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
         save_atomic(payload, Path(wdir) / f"{name}.pt")
         add_to_manifest(name, f"{name}.pt", weights_dir=wdir, train_minutes=round(data["train_seconds"] / 60, 1),
-                        chain_minutes=chain[n],
-                        command=command, seed=config.seed, config=asdict(config), hardware=describe_device("cpu"),
-                        args=data["model_args"], class_names=data["class_names"], schedule=data["schedule"],
-                        distilled=data["distilled"], teacher_sha256=teacher_entry["sha256"])
-    write_atomic(Path(wdir) / f"{prefix}_loss.json", json.dumps({"every": 10, "loss": curves}))
+                        chain_minutes=chain[n], command=command, seed=config.seed, config=made["config"],
+                        hardware=made["hardware"], args=data["model_args"], class_names=data["class_names"],
+                        schedule=data["schedule"], distilled=data["distilled"], teacher_sha256=made["teacher_sha256"])
+    write_atomic(loss_path, json.dumps({"every": 10, "loss": curves}))
     print(f"exported students of {list(ship)} call(s) to {wdir}")

@@ -208,9 +208,15 @@ def test_distill_command_resumes_exactly_refuses_and_exports(tiny_npz, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         cli.main(["distill", "--out", str(tmp_path / "parts"), *args])
     monkeypatch.setattr(cd, "save_atomic", real_save)
-    with pytest.raises(SystemExit, match="already holds a distillation run"):
+    with pytest.raises(SystemExit, match="already holds a distillation run; pass --resume"):
         cli.main(["distill", "--out", str(tmp_path / "parts"), *args])
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit, match="it has finished: copy its students with --export"):
+        cli.main(["distill", "--out", str(tmp_path / "whole"), *args])
+    with pytest.raises(SystemExit, match="no distillation run in"):
+        cli.main(["distill", "--out", str(tmp_path / "nothing"), *args, "--resume"])
+    with pytest.raises(SystemExit, match="checkpoint_every must be a positive integer"):
+        cli.main(["distill", "--out", str(tmp_path / "bad"), *args, "--checkpoint-every", "0"])
+    with pytest.raises(SystemExit, match=r"^distill: --resume: lr=0.0002 in the run, now 0.001"):
         cli.main(["distill", "--out", str(tmp_path / "parts"), *args, "--lr", "1e-3", "--resume"])
     with pytest.raises(SystemExit, match="has not finished"):
         cli.main(["distill", "--out", str(tmp_path / "parts"), *args, "--export", "--ship", "1",
@@ -226,14 +232,34 @@ def test_distill_command_resumes_exactly_refuses_and_exports(tiny_npz, tmp_path,
     with pytest.raises(SystemExit, match="makes students of"):
         cli.main(["distill", "--out", str(tmp_path / "whole"), *args, "--export", "--ship", "4",
                   "--weights-dir", str(tmp_path / "w")])
-    cli.main(["distill", "--out", str(tmp_path / "whole"), *args, "--export", "--ship", "1",
-              "--weights-dir", str(tmp_path / "w")])
+    cli.main(["distill", "--out", str(tmp_path / "whole"), "--updates", "99", "--export", "--ship", "1",
+              "--weights-dir", str(tmp_path / "w")])   # the manifest records the run's settings, not these flags
     entry = read_manifest(tmp_path / "w")["sprites_student1"]
+    assert entry["config"]["updates"] == [6] and entry["config"]["batch_size"] == 4
+    assert entry["teacher_sha256"] == json.loads((tmp_path / "whole" / "run.json").read_text())["teacher_sha256"]
     assert entry["sha256"] == sha256_file(tmp_path / "w" / "sprites_student1.pt") and entry["seed"] == 0
-    assert entry["config"]["teacher_steps"] == 2 and "distill" in entry["command"]
+    assert entry["config"]["teacher_steps"] == 2 and entry["command"].startswith("python diffusion_utilities.py distill")
     student = du.load_pretrained("sprites_student1", "cpu", weights_dir=tmp_path / "w")
     assert student.distilled["steps"] == 1
     assert len(json.loads((tmp_path / "w" / "sprites_student_loss.json").read_text())["loss"]["1"]) == 1
     assert not (du.WEIGHTS_DIR / "run").exists()
     np.testing.assert_allclose(student.state_dict()["out.3.weight"].numpy(),
                                whole["state_dict"]["out.3.weight"].half().float().numpy())
+
+
+def test_sample_command_draws_a_student_with_its_own_calls(tmp_path):
+    cli.main(["sample", "--model", "sprites_student1", "--per-class", "2", "--out", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="distilled for 1 DDIM call"):
+        cli.main(["sample", "--model", "sprites_student1", "--steps", "4", "--out", str(tmp_path / "t.png")])
+
+
+def test_a_student_distilled_without_guidance_may_be_guided():
+    student = du.ContextUnet(n_feat=8, prediction="v").eval()
+    student.distilled = {"steps": 2, "guide_w": 0.0, "teacher": "sprites"}
+    schedule = du.make_schedule(500)
+    x, _ = du.sample_ddim(student, 2, schedule, n_steps=2, context=torch.tensor([0, 1]), guide_w=2.0)
+    assert bool(torch.isfinite(x).all())
+    student.distilled["guide_w"] = 2.0
+    with pytest.raises(ValueError, match="guide_w=0"):
+        du.sample_ddim(student, 2, schedule, n_steps=2, context=torch.tensor([0, 1]), guide_w=2.0)
