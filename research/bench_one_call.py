@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import diffusion_utilities as du  # noqa: E402
-from course_tools.hardware import describe_device, use_fast_settings  # noqa: E402
+from course_tools.hardware import describe_device, fast_settings, use_fast_settings  # noqa: E402
 
 OUT = du.ROOT / "research" / "bench_one_call.json"
 
@@ -62,7 +62,7 @@ def main(argv=None):
                 fn(student)
                 times[kind, name].append(1000 * (time.perf_counter() - t0))
     res = {"command": "python -m research.bench_one_call", "hardware": describe_device("cpu"), "threads": args.threads,
-           "repeats": args.repeats, "fast_settings": str(fast.autocast_dtype or "fp32") + ", channels-last",
+           "repeats": args.repeats, "fast_settings": "{}, {}".format(*(str(v) for v in fast_settings("cpu"))),
            "network_ms": statistics.median(times["fast", "network"]),
            "redraw_ms": statistics.median(times["fast", "redraw"]),
            "network_ms_fp32": statistics.median(times["fp32", "network"]),
