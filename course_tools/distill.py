@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import diffusion_utilities as du
-from course_tools.hardware import describe_device
+from course_tools.hardware import describe_device, fast_settings
 from course_tools.manifest import add_to_manifest
 from course_tools.runs import RunLock, save_atomic, weights_payload, write_atomic
 from course_tools.training import TrainingData
@@ -163,8 +163,7 @@ def _round(config, r, teacher, schedule, images, labels, class_names, out_dir, s
     n_steps, updates = config.rounds()[r], config.updates_in(r)
     student = copy.deepcopy(teacher).train()
     student.distilled = {}
-    if fast:  # bf16 where the CPU or GPU has it natively: about 2x on this course's 2-core CPU
-        from course_tools.hardware import fast_settings
+    if fast:  # bf16 where the CPU has it natively: about 2x on this course's 2-core CPU
         teacher.autocast_dtype = student.autocast_dtype = fast_settings("cpu")[0]
     gen = torch.Generator().manual_seed(config.seed * 1000 + r)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
