@@ -796,6 +796,7 @@ def invert_ddim(model, x0, schedule, *, n_steps=100, context=None, guide_w=0.0, 
     if x0.shape[1:] != (model.in_channels, model.height, model.height):
         raise ValueError(f"x0 must be images (B, {model.in_channels}, {model.height}, {model.height}) for this model, "
                          f"got {tuple(x0.shape)}")
+    _check_student(model, n_steps, guide_w, "ddim")  # a student inverts only along its own jumps
     steps = ddim_timesteps(schedule.T, n_steps)[::-1]  # 0 ... T
     schedule, context, _ = _start_sampling(model, x0.shape[0], schedule, context, guide_w, None, x0)
     x = x0.detach().float().to(_model_device(model))
@@ -852,6 +853,7 @@ def inpaint(model, x_known, mask, schedule, *, n_steps=50, resample=5, context=N
     from tqdm.auto import tqdm
 
     mask = _check_inpainting(x_known, mask, model)
+    _check_student(model, n_steps, guide_w, "inpaint (RePaint)")
     if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample < 1:
         raise ValueError(f"resample must be an integer >= 1 (1 = plain RePaint without resampling), got {resample!r}")
     steps = ddim_timesteps(schedule.T, n_steps)
@@ -1102,6 +1104,8 @@ def distillation_target(teacher, x_t, t, t_mid, t_next, schedule, *, context=Non
     if getattr(teacher, "distilled", {}).get("guide_w") and guide_w:
         raise ValueError("this teacher is a student that already learned guided results: pass guide_w=0")
     context = _prepare_context(context, x_t.shape[0], teacher, guide_w)
+    _check_images(x_t, "x_t")
+    x_t = x_t.to(_model_device(teacher))  # a learner's CPU tensor meets a teacher on the GPU
     with torch.no_grad(), _EvalMode(teacher):
         z_mid = denoise_ddim(x_t, t, t_mid, predict_noise(teacher, x_t, t, schedule, context, guide_w), schedule)
         z_next = denoise_ddim(z_mid, t_mid, t_next, predict_noise(teacher, z_mid, t_mid, schedule, context, guide_w),

@@ -86,8 +86,8 @@ CASES = {
                                                                 target="u"),
     "euler_step": lambda m, s, d: du.euler_step(X0.to(d), 0.5, 0.25, X0.flip(0).to(d)),
     "distillation_target": lambda m, s, d: du.distillation_target(
-        m, X0.to(d), torch.tensor([50, 40, 30, 20]), torch.tensor([45, 35, 25, 15]), torch.tensor([40, 30, 20, 0]), s,
-        context=du.one_hot(CTX).to(d), guide_w=2.0),
+        m, X0, torch.tensor([50, 40, 30, 20]), torch.tensor([45, 35, 25, 15]), torch.tensor([40, 30, 20, 0]), s,
+        context=CTX, guide_w=2.0),   # x_t and class ids from the CPU, as a learner passes them
     "distill_loss": lambda m, s, d: du.distill_loss(m, X0.to(d), du.one_hot(CTX).to(d), s, teacher=m, n_steps=2,
                                                     guide_w=2.0, generator=seeded()),
 }

@@ -149,6 +149,13 @@ def test_shipped_students_sample_through_the_module(calls):
         du.sample_dpm_solver(student, 2, schedule, n_steps=calls, context=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="sample it with du.sample_ddim"):
         du.sample_ddpm(student, 2, schedule, context=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="got inpaint"):
+        du.inpaint(student, x[:1].clamp(-1, 1), torch.ones(1, 1, 16, 16), schedule, n_steps=calls,
+                   context=torch.tensor([0]))
+    back = du.invert_ddim(student, x[:2].clamp(-1, 1), schedule, n_steps=calls, context=torch.tensor([0, 1]))  # its own jumps
+    assert back.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match=f"distilled for {calls} DDIM call"):
+        du.invert_ddim(student, x[:2].clamp(-1, 1), schedule, n_steps=calls + 1, context=torch.tensor([0, 1]))
 
 
 def test_distill_config_checks_its_settings():
