@@ -145,14 +145,14 @@ def _destination(path, to_weights, command):
 def _cmd_distill(args):
     from course_tools.distill import DistillConfig, export_students, run_distillation
 
-    config = DistillConfig(teacher=args.teacher, teacher_steps=args.teacher_steps, updates=tuple(args.updates),
-                           batch_size=args.batch_size, lr=args.lr, guide_w=args.guide_w, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every)
-    if args.export:
+    if args.export:  # the run's own settings come from its run.json, not from these flags
         wdir = _destination(args.weights_dir, args.to_weights, "distill --export")
         wdir.mkdir(parents=True, exist_ok=True)
         command = args.made_by or "python diffusion_utilities.py distill " + " ".join(args.argv)
         return export_students(args.out, wdir, command=command, ship=args.ship)
+    config = DistillConfig(teacher=args.teacher, teacher_steps=args.teacher_steps, updates=tuple(args.updates),
+                           batch_size=args.batch_size, lr=args.lr, guide_w=args.guide_w, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every)
     _destination(args.out, False, "distill")  # a run folder never lives inside weights/
     if args.threads:
         torch.set_num_threads(args.threads)

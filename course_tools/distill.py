@@ -147,9 +147,9 @@ def run_distillation(config, out_dir, *, data_path=du.DATA_FILE, resume=False, w
 
 def _check_same_run(saved, now):
     """A resume continues the same run: the same settings, the same teacher file and the same data."""
-    changed = [f"{k}={saved['config'].get(k)!r} in the run, now {v!r}" for k, v in now["config"].items()
-               if (list(saved["config"].get(k)) if k == "updates" else saved["config"].get(k))
-               != (list(v) if k == "updates" else v)]
+    now_config = json.loads(json.dumps(now["config"]))  # as run.json holds it (tuples become lists)
+    changed = [f"{k}={saved['config'].get(k)!r} in the run, now {v!r}" for k, v in now_config.items()
+               if saved["config"].get(k) != v]
     changed += [f"the {what} changed since the run began" for what, key in (("teacher's weights", "teacher_sha256"),
                                                                           ("data", "data_sha256"))
                 if saved[key] != now[key]]
